@@ -1,0 +1,443 @@
+"""Wan transformer (`WanTransformer3DModel`) in Flax linen, numerically diffusers' own.
+
+Every released variant: Wan2.1 T2V, I2V / FLF2V (image embedder, added K/V, `pos_embed`), Wan2.2 A14B experts and
+TI2V-5B (per-token timesteps). Blocks are one `nn.scan` over parameters stacked [num_layers, ...], optionally
+rematerialised. Dtypes follow diffusers: matmuls in the weights' dtype (bf16 in training), float32 for the
+timestep embedding, modulation, norms and gated residuals.
+
+Token layout inside is channels-last (B, S, D), frame-major then h then w; the public boundary is diffusers'
+(B, C, F, H, W).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from wanjax.models.attention import dot_product_attention
+from wanjax.models.config import WanConfig
+
+F32 = jnp.float32
+# diffusers' text-encoder context length, hard-coded in its I2V attention (image tokens = context[:, :-512]).
+TEXT_CONTEXT_LEN = 512
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------
+class Dense(nn.Module):
+    """torch.nn.Linear: y = x W + b, accumulated in float32 and rounded once to the output dtype.
+
+    The output dtype is x's; with `cast_input`, x is first cast to the kernel's dtype (diffusers'
+    `time_embedder`, kept in float32). If the "lora" collection holds `A` (in, r) and `B` (r, out) for this
+    layer, the low-rank path (x A) B runs beside the frozen matmul, unmerged: no weight-sized gradient is
+    ever formed. The LoRA scale alpha / r is folded into B by the caller.
+    """
+
+    features: int
+    cast_input: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), F32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), F32)
+        if self.cast_input:
+            x = x.astype(kernel.dtype)
+        y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=F32) + bias.astype(F32)
+        if self.has_variable("lora", "A"):
+            a = self.get_variable("lora", "A").astype(x.dtype)
+            b = self.get_variable("lora", "B").astype(x.dtype)
+            low = jnp.dot(x, a, preferred_element_type=F32).astype(x.dtype)
+            y = y + jnp.dot(low, b, preferred_element_type=F32)
+        return y.astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """diffusers' FP32LayerNorm: statistics and affine in float32, output in the input's dtype."""
+
+    eps: float
+    affine: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = x.astype(F32)
+        mean = h.mean(-1, keepdims=True)
+        var = jnp.square(h - mean).mean(-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            h = h * self.param("scale", nn.initializers.ones_init(), (dim,), F32).astype(F32)
+            h = h + self.param("bias", nn.initializers.zeros_init(), (dim,), F32).astype(F32)
+        return h.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """torch.nn.RMSNorm: normalise and scale in float32, cast back to the input's dtype."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), F32)
+        h = x.astype(F32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        return (h * scale.astype(F32)).astype(x.dtype)
+
+
+def _act(fn, x: jax.Array) -> jax.Array:
+    """Elementwise activation computed in float32 (torch's internal opmath for half inputs)."""
+    return fn(x.astype(F32)).astype(x.dtype)
+
+
+gelu_tanh = functools.partial(jax.nn.gelu, approximate=True)
+gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> Linear, with diffusers' submodule names given per use.
+
+    FeedForward (`ffn.net.0.proj`, `ffn.net.2`) is named proj_in / proj_out; PixArtAlphaTextProjection and
+    TimestepEmbedding are linear_1 / linear_2.
+    """
+
+    hidden: int
+    out: int
+    activation: Any
+    names: tuple[str, str] = ("proj_in", "proj_out")
+    cast_input: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _act(self.activation, Dense(self.hidden, self.cast_input, name=self.names[0])(x))
+        return Dense(self.out, name=self.names[1])(h)
+
+
+LINEAR_12 = ("linear_1", "linear_2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------------------
+def timestep_sinusoid(t: jax.Array, dim: int) -> jax.Array:
+    """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`, float32: [cos, sin]."""
+    half = dim // 2
+    freqs = jnp.exp(-np.log(10000.0) * jnp.arange(half, dtype=F32) / half)
+    args = t.astype(F32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_tables(head_dim: int, frames: int, height: int, width: int, theta: float = 10000.0):
+    """cos/sin of Wan's 3-axis RoPE per token, (S, head_dim // 2) each, computed in float64 like diffusers."""
+    h_dim = w_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - h_dim - w_dim
+
+    def axis_angles(dim: int, n: int) -> np.ndarray:
+        inv = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        return np.outer(np.arange(n, dtype=np.float64), inv)  # (n, dim/2)
+
+    at, ah, aw = axis_angles(t_dim, frames), axis_angles(h_dim, height), axis_angles(w_dim, width)
+    grid = np.concatenate(
+        [
+            np.broadcast_to(at[:, None, None], (frames, height, width, at.shape[-1])),
+            np.broadcast_to(ah[None, :, None], (frames, height, width, ah.shape[-1])),
+            np.broadcast_to(aw[None, None, :], (frames, height, width, aw.shape[-1])),
+        ],
+        axis=-1,
+    ).reshape(frames * height * width, head_dim // 2)
+    return np.cos(grid).astype(np.float32), np.sin(grid).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of (B, S, H, D) by the token's angles, in float32."""
+    pairs = x.astype(F32).reshape(*x.shape[:-1], -1, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class TimeTextImageEmbedding(nn.Module):
+    """diffusers `WanTimeTextImageEmbedding`: temb, timestep_proj, text context, image context."""
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, timestep, text, image):
+        cfg, dim = self.config, self.config.inner_dim
+        dtype = text.dtype
+        # time_embedder runs in its own (float32) weights' dtype; temb is then cast to the activation dtype.
+        sinus = timestep_sinusoid(timestep, cfg.freq_dim)
+        temb = MLP(dim, dim, jax.nn.silu, LINEAR_12, cast_input=True, name="time_embedder")(sinus).astype(dtype)
+        timestep_proj = Dense(6 * dim, name="time_proj")(_act(jax.nn.silu, temb))
+        ctx = MLP(dim, dim, gelu_tanh, LINEAR_12, name="text_embedder")(text)
+        img = None
+        if image is not None:
+            img = ImageEmbedding(cfg, name="image_embedder")(image.astype(dtype))
+        return temb, timestep_proj, ctx, img
+
+
+class ImageEmbedding(nn.Module):
+    """diffusers `WanImageEmbedding`: [pos_embed] -> LayerNorm -> MLP(exact GELU) -> LayerNorm."""
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, image: jax.Array) -> jax.Array:
+        cfg = self.config
+        if cfg.pos_embed_seq_len is not None:
+            pos = self.param("pos_embed", nn.initializers.zeros_init(), (1, cfg.pos_embed_seq_len, cfg.image_dim), F32)
+            if image.shape[1] * 2 == cfg.pos_embed_seq_len:  # diffusers' form: (2B, L/2) -> (B, L)
+                image = image.reshape(-1, cfg.pos_embed_seq_len, image.shape[-1])
+            if image.shape[1] != cfg.pos_embed_seq_len:
+                raise ValueError(
+                    f"encoder_hidden_states_image has {image.shape[1]} tokens; this FLF2V model expects "
+                    f"{cfg.pos_embed_seq_len} (or {cfg.pos_embed_seq_len // 2} per image, first/last image pairs)"
+                )
+            image = image + pos.astype(image.dtype)
+        h = LayerNorm(1e-5, True, name="norm1")(image)
+        h = MLP(cfg.image_dim, cfg.inner_dim, gelu_exact, name="ff")(h)
+        return LayerNorm(1e-5, True, name="norm2")(h)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention and the block
+# ---------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """diffusers `WanAttention` + `WanAttnProcessor` (self- or cross-attention, optional added image K/V)."""
+
+    config: WanConfig
+    added_kv: bool = False
+
+    @nn.compact
+    def __call__(self, x, context=None, rope=None, image_context=None):
+        cfg = self.config
+        dim, heads = cfg.inner_dim, cfg.num_attention_heads
+        kv_in = x if context is None else context
+
+        def split_heads(t):
+            return t.reshape(*t.shape[:-1], heads, cfg.attention_head_dim)
+
+        q = RMSNorm(cfg.eps, name="norm_q")(Dense(dim, name="to_q")(x))
+        k = RMSNorm(cfg.eps, name="norm_k")(Dense(dim, name="to_k")(kv_in))
+        v = Dense(dim, name="to_v")(kv_in)
+        q, k, v = split_heads(q), split_heads(k), split_heads(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = checkpoint_name(q, "query_proj")
+        k = checkpoint_name(k, "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        out = dot_product_attention(q, k, v, impl=cfg.attention)
+        if self.added_kv:
+            k_img = Dense(dim, name="add_k_proj")(image_context)
+            k_img = split_heads(RMSNorm(cfg.eps, name="norm_added_k")(k_img))
+            v_img = split_heads(Dense(dim, name="add_v_proj")(image_context))
+            out = out + dot_product_attention(q, k_img, v_img, impl=cfg.attention)
+        out = checkpoint_name(out.reshape(*out.shape[:-2], dim), "attention_out")
+        return Dense(dim, name="to_out")(out)
+
+
+class WanBlock(nn.Module):
+    """One `WanTransformerBlock`: modulated self-attention, cross-attention, modulated FFN. Scanned."""
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, x, context, image_context, timestep_proj, rope_cos, rope_sin):
+        cfg, dim = self.config, self.config.inner_dim
+        dtype = x.dtype
+        table = self.param("scale_shift_table", _scaled_normal(dim), (1, 6, dim), F32)
+        # (B, 6, D) per sample, or (B, S, 6, D) per token (TI2V); modulation in float32.
+        mod = table.astype(F32) + timestep_proj.astype(F32)
+        shift, scale, gate, c_shift, c_scale, c_gate = (mod[..., i, :] for i in range(6))
+        if mod.ndim == 3:  # per sample: broadcast over tokens
+            shift, scale, gate, c_shift, c_scale, c_gate = (t[:, None, :] for t in (shift, scale, gate, c_shift, c_scale, c_gate))
+
+        with jax.named_scope("self_attention"):
+            h = (LayerNorm(cfg.eps, False, name="norm1")(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
+            a = Attention(cfg, name="attn1")(h, rope=(rope_cos, rope_sin))
+            x = (x.astype(F32) + a * gate).astype(dtype)
+
+        with jax.named_scope("cross_attention"):
+            h = LayerNorm(cfg.eps, True, name="norm2")(x.astype(F32)).astype(dtype) if cfg.cross_attn_norm else x
+            a = Attention(cfg, added_kv=cfg.added_kv_proj_dim is not None, name="attn2")(
+                h, context=context, image_context=image_context
+            )
+            x = x + a
+
+        with jax.named_scope("ffn"):
+            h = (LayerNorm(cfg.eps, False, name="norm3")(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
+            f = MLP(cfg.ffn_dim, dim, gelu_tanh, name="ffn")(h)
+            x = (x.astype(F32) + f.astype(F32) * c_gate).astype(dtype)
+        return x, None  # scan's (carry, output) form
+
+
+def _scaled_normal(dim: int):
+    """diffusers' init of scale_shift_table: randn / sqrt(dim)."""
+    return lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / dim**0.5
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d(in, D, kernel = stride = patch) applied to flattened patches; kernel in Flax layout (kT, kH, kW, I, O).
+
+    The activation dtype of the whole model is this kernel's dtype (diffusers casts inputs to the model dtype).
+    """
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        cfg, dim = self.config, self.config.inner_dim
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*cfg.patch_size, cfg.in_channels, dim), F32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (dim,), F32)
+        x = patches.astype(kernel.dtype)
+        y = jnp.dot(x, kernel.reshape(-1, dim), preferred_element_type=F32) + bias.astype(F32)
+        return y.astype(kernel.dtype)
+
+
+class WanTransformer(nn.Module):
+    """The whole model. Inputs channels-last; see `transformer_forward` for the public entry point."""
+
+    config: WanConfig
+
+    @nn.compact
+    def __call__(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None):
+        cfg = self.config
+        dim = cfg.inner_dim
+        pt, ph, pw = cfg.patch_size
+        b, c, f, hh, ww = hidden_states.shape
+        nf, nh, nw = f // pt, hh // ph, ww // pw
+        seq = nf * nh * nw
+
+        # 1. Patch embedding: Conv3d(kernel = stride = patch) as one matmul over (pt, ph, pw, c) patch vectors.
+        x = hidden_states.reshape(b, c, nf, pt, nh, ph, nw, pw).transpose(0, 2, 4, 6, 3, 5, 7, 1)
+        x = PatchEmbed(cfg, name="patch_embedding")(x.reshape(b, seq, pt * ph * pw * c))
+        dtype = x.dtype
+
+        # 2. Conditions. Per-token timesteps (B, S) give per-token temb and modulation (TI2V-5B).
+        temb, timestep_proj, context, image_context = TimeTextImageEmbedding(cfg, name="condition_embedder")(
+            timestep, encoder_hidden_states.astype(dtype), encoder_hidden_states_image
+        )
+        timestep_proj = timestep_proj.reshape(*timestep_proj.shape[:-1], 6, dim)
+        if image_context is not None and cfg.added_kv_proj_dim is None:
+            context = jnp.concatenate([image_context, context], axis=1)  # image tokens first, plain cross-attn
+            image_context = None
+
+        # 3. Blocks, scanned over stacked parameters.
+        cos, sin = (jnp.asarray(t) for t in rope_tables(cfg.attention_head_dim, nf, nh, nw))
+        block_cls = WanBlock
+        if cfg.remat_policy != "none":
+            block_cls = nn.remat(WanBlock, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+        blocks = nn.scan(
+            block_cls,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 5,
+            length=cfg.num_layers,
+        )(cfg, name="blocks")
+        x, _ = blocks(x, context, image_context, timestep_proj, cos, sin)
+
+        # 4. Output: modulated norm with temb itself (not time_proj), projection, unpatchify.
+        table = self.param("scale_shift_table", _scaled_normal(dim), (1, 2, dim), F32)
+        out_mod = table.astype(F32) + temb.astype(F32)[..., None, :]  # (B, 2, D) or (B, S, 2, D)
+        shift, scale = out_mod[..., 0, :], out_mod[..., 1, :]
+        if out_mod.ndim == 3:
+            shift, scale = shift[:, None], scale[:, None]
+        x = (LayerNorm(cfg.eps, False, name="norm_out")(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
+        x = Dense(cfg.out_channels * pt * ph * pw, name="proj_out")(x)
+        x = x.reshape(b, nf, nh, nw, pt, ph, pw, cfg.out_channels)
+        return x.transpose(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, nf * pt, nh * ph, nw * pw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------
+def _check_inputs(cfg: WanConfig, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image):
+    if hidden_states.ndim != 5 or hidden_states.shape[1] != cfg.in_channels:
+        raise ValueError(
+            f"hidden_states has shape {tuple(hidden_states.shape)}; expected (B, {cfg.in_channels}, F, H, W)"
+        )
+    b, _, f, h, w = hidden_states.shape
+    pt, ph, pw = cfg.patch_size
+    if f % pt or h % ph or w % pw:
+        raise ValueError(f"hidden_states (F, H, W) = {(f, h, w)} must be divisible by patch_size {cfg.patch_size}")
+    seq = (f // pt) * (h // ph) * (w // pw)
+    if timestep.shape not in ((b,), (b, seq)):
+        raise ValueError(f"timestep has shape {tuple(timestep.shape)}; expected ({b},) or per-token ({b}, {seq})")
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b or encoder_hidden_states.shape[2] != cfg.text_dim:
+        raise ValueError(
+            f"encoder_hidden_states has shape {tuple(encoder_hidden_states.shape)}; expected ({b}, L, {cfg.text_dim})"
+        )
+    if max(f // pt, h // ph, w // pw) > cfg.rope_max_seq_len:
+        raise ValueError(f"latent grid {(f // pt, h // ph, w // pw)} exceeds rope_max_seq_len={cfg.rope_max_seq_len}")
+    if cfg.added_kv_proj_dim is not None and encoder_hidden_states_image is None:
+        raise ValueError("this I2V model (added_kv_proj_dim set) needs encoder_hidden_states_image")
+    if encoder_hidden_states_image is not None and not cfg.has_image_embedder:
+        raise ValueError("encoder_hidden_states_image given, but this model has no image embedder (image_dim=None)")
+    if encoder_hidden_states_image is not None and encoder_hidden_states_image.shape[-1] != cfg.image_dim:
+        raise ValueError(
+            f"encoder_hidden_states_image has shape {tuple(encoder_hidden_states_image.shape)}; "
+            f"expected (B, N, {cfg.image_dim})"
+        )
+
+
+def transformer_forward(
+    config: WanConfig,
+    params: dict,
+    hidden_states: jax.Array,
+    timestep: jax.Array,
+    encoder_hidden_states: jax.Array,
+    *,
+    encoder_hidden_states_image: jax.Array | None = None,
+    lora: Any = None,
+) -> jax.Array:
+    """Velocity of the Wan transformer, diffusers layout in and out. Pure; wrap in `jax.jit` as is.
+
+    hidden_states (B, C_in, F, H, W); timestep (B,) in [0, 1000] or per-token (B, S); encoder_hidden_states
+    (B, L, text_dim); I2V: encoder_hidden_states_image (B, N, image_dim). Returns (B, C_out, F, H, W) in the
+    weights' dtype. `lora=None` is the base model; otherwise an adapter object whose `scaled_params()` gives the
+    "lora" collection (A and alpha/r-scaled B per adapted layer, mirroring the params tree).
+    """
+    _check_inputs(config, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image)
+    variables = {"params": params}
+    if lora is not None:
+        variables["lora"] = lora.scaled_params()
+    return WanTransformer(config).apply(
+        variables, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image
+    )
+
+
+def param_shapes(config: WanConfig) -> dict:
+    """The params pytree of `config` as `jax.ShapeDtypeStruct`s (float32), without allocating anything."""
+    pt, ph, pw = config.patch_size
+    b = 1
+    x = jax.ShapeDtypeStruct((b, config.in_channels, pt, ph, pw), F32)
+    t = jax.ShapeDtypeStruct((b,), F32)
+    ctx = jax.ShapeDtypeStruct((b, 1, config.text_dim), F32)
+    img = None
+    if config.has_image_embedder:
+        n = config.pos_embed_seq_len or 1
+        img = jax.ShapeDtypeStruct((b, n, config.image_dim), F32)
+    model = WanTransformer(config)
+    shapes = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, ctx, img)
+    return shapes["params"]
+
+
+def init_params(config: WanConfig, rng: jax.Array, dtype=F32) -> dict:
+    """Random parameters (diffusers-like init scales) for tests, demos and benchmarks."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(rng, len(leaves))
+    out = [(jax.random.normal(k, s.shape, F32) * 0.02).astype(dtype) for k, s in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
