@@ -70,3 +70,22 @@ def test_bad_inputs_are_refused():
         wanjax.transformer_forward(config, params, x, t, ctx, encoder_hidden_states_image=ctx)
     with pytest.raises(ValueError, match="unknown WanTransformer3DModel config keys"):
         wanjax.WanConfig.from_diffusers(dict(ref.T2V, num_layer=3))
+
+
+RELEASED = {  # parameter counts of the released checkpoints (spec/transformer.md)
+    "wan2.1-t2v-1.3b": (dict(num_attention_heads=12, ffn_dim=8960, num_layers=30), 1_418_996_800),
+    "wan2.1-t2v-14b": (dict(num_attention_heads=40, ffn_dim=13824, num_layers=40), 14_288_491_584),
+    "wan2.1-i2v-14b": (dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120), 16_394_878_784),
+    "wan2.1-flf2v-14b": (dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120, pos_embed_seq_len=514),
+                         16_395_536_704),
+    "wan2.2-ti2v-5b": (dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+                       4_999_787_712),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_shapes_abstractly(name):
+    """Full-size configs build abstractly (no memory) with exactly the released parameter counts."""
+    overrides, count = RELEASED[name]
+    shapes = wanjax.param_shapes(wanjax.WanConfig(**overrides))
+    assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes)) == count

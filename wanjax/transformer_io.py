@@ -261,7 +261,8 @@ def materialize(reader: ParamReader, *, dtype=jnp.bfloat16, shardings=None) -> d
         path = tuple(getattr(k, "key", str(k)) for k in path_keys)
         dt = target_dtype(path, reader.dtype(path), dtype)
         if flat_shard is None:
-            return jax.device_put(reader.read(path).astype(dt, copy=False))
+            # Block per tensor: async transfers would otherwise keep many host buffers alive at once.
+            return jax.device_put(reader.read(path).astype(dt, copy=False)).block_until_ready()
 
         def callback(index):
             layers = index[0] if path[0] == "blocks" else None
@@ -269,7 +270,7 @@ def materialize(reader: ParamReader, *, dtype=jnp.bfloat16, shardings=None) -> d
             rest = index[1:] if layers is not None else index
             return np.ascontiguousarray(host[(slice(None),) * (layers is not None) + tuple(rest)].astype(dt, copy=False))
 
-        return jax.make_array_from_callback(tuple(leaf.shape), flat_shard[path], callback)
+        return jax.make_array_from_callback(tuple(leaf.shape), flat_shard[path], callback).block_until_ready()
 
     return jax.tree_util.tree_map_with_path(load, shapes)
 
