@@ -36,8 +36,9 @@ class Dense(nn.Module):
 
     The output dtype is x's; with `cast_input`, x is first cast to the kernel's dtype (diffusers'
     `time_embedder`, kept in float32). If the "lora" collection holds `A` (in, r) and `B` (r, out) for this
-    layer, the low-rank path (x A) B runs beside the frozen matmul, unmerged: no weight-sized gradient is
-    ever formed. The LoRA scale alpha / r is folded into B by the caller.
+    layer (and optionally `bias` (out,), PEFT's lora_B.bias), the low-rank path (x A) B + bias runs beside
+    the frozen matmul, unmerged: no weight-sized gradient is ever formed. The LoRA scale alpha / r is folded
+    into B and bias by the caller (`LoraWeights.scaled_params`).
     """
 
     features: int
@@ -55,6 +56,8 @@ class Dense(nn.Module):
             b = self.get_variable("lora", "B").astype(x.dtype)
             low = jnp.dot(x, a, preferred_element_type=F32).astype(x.dtype)
             y = y + jnp.dot(low, b, preferred_element_type=F32)
+            if self.has_variable("lora", "bias"):
+                y = y + self.get_variable("lora", "bias").astype(F32)
         return y.astype(x.dtype)
 
 
