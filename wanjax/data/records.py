@@ -1,0 +1,427 @@
+"""The on-disk latent cache: the contract between the caching job (writer) and the trainer (reader), plus
+`write_synthetic_cache`, a tiny random cache in the real format for `:tiny` configs and tests.
+
+A cache directory holds
+  records-00000-of-0000N.array_record  ArrayRecord shards, `group_size:1` (cheap random access), uncompressed
+                                       (latents do not compress). Written as `records-00000.array_record.partial`
+                                       and renamed only when the whole cache is closed.
+  index.safetensors                    per-record int32 `bucket` and `dataset` ids (names in its metadata), so the
+                                       trainer groups records by shape without reading them.
+  manifest.json                        written LAST (temp + rename): a directory without it is an incomplete cache.
+  empty_prompt.safetensors, validation_prompts.safetensors   side files of the caching job (`write_text_embeds`).
+
+Record format (version 1): each ArrayRecord record is one safetensors blob -- 8-byte little-endian header size,
+JSON header padded with spaces to 8 bytes, raw little-endian tensor bytes -- so any record written to a file opens
+with any safetensors reader. `__metadata__` = {"format": "wanjax-record-1", "key", "dataset", "caption"}; tensors
+`latents` (C, F, H, W), `prompt_embeds` (T, D) with T the prompt's true token count (the zero padding up to
+`text_len` is not stored; readers pad it back with exact zeros), optional `image_embeds`. Tensors keep the dtype
+they were given (float32 / float16 / bfloat16 ...), so reads are bit-exact.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from wanjax.safetensors_io import SafetensorsFile, dtype_name, write_safetensors
+
+FORMAT = "wanjax-cache"
+VERSION = 1
+RECORD_FORMAT = "wanjax-record-1"
+MANIFEST = "manifest.json"
+INDEX = "index.safetensors"
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+VALIDATION_PROMPTS_FILE = "validation_prompts.safetensors"
+_WRITER_OPTIONS = "group_size:1,uncompressed"
+_TENSORS = ("latents", "prompt_embeds", "image_embeds")
+_DTYPES = {
+    dtype_name(d): np.dtype(d)
+    for d in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.int32, np.int16, np.int8, np.uint8)
+}
+
+
+def bucket_key(shape: tuple[int, ...]) -> str:
+    """Name of a latent shape bucket: (16, 21, 60, 104) -> "16x21x60x104"."""
+    return "x".join(str(int(s)) for s in shape)
+
+
+def bucket_shape(key: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in key.split("x"))
+
+
+# -- one record --------------------------------------------------------------------------------------------
+def encode_record(example: Mapping[str, Any]) -> bytes:
+    """Serialize one example (see module docstring) to the bytes of one record."""
+    meta = {"format": RECORD_FORMAT}
+    for name in ("key", "dataset", "caption"):
+        if not isinstance(example.get(name), str):
+            raise ValueError(f"example field {name!r} must be a str, got {type(example.get(name)).__name__}")
+        meta[name] = example[name]
+    header: dict[str, Any] = {"__metadata__": meta}
+    arrays, offset = [], 0
+    for name in _TENSORS:
+        if example.get(name) is None:
+            continue
+        arr = np.ascontiguousarray(np.asarray(example[name]))
+        header[name] = {"dtype": dtype_name(arr.dtype), "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        arrays.append(arr)
+        offset += arr.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return b"".join([struct.pack("<Q", len(blob)), blob, *(a.reshape(-1).view(np.uint8).tobytes() for a in arrays)])
+
+
+def decode_record(raw: bytes, *, text_len: int | None = None) -> dict[str, Any]:
+    """Inverse of `encode_record`. With `text_len`, prompt_embeds are zero-padded to (text_len, D) and
+    `prompt_length` (the true token count) is added. Arrays are read-only views of `raw` unless padded."""
+    try:
+        (n,) = struct.unpack_from("<Q", raw, 0)
+        header = json.loads(bytes(raw[8 : 8 + n]))
+        meta = header.pop("__metadata__")
+        if meta.get("format") != RECORD_FORMAT:
+            raise ValueError(f"record format {meta.get('format')!r}, expected {RECORD_FORMAT!r}")
+        out: dict[str, Any] = {k: meta[k] for k in ("key", "dataset", "caption")}
+        for name, info in header.items():
+            dt, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            if end - begin != dt.itemsize * int(np.prod(shape)) or 8 + n + end > len(raw):
+                raise ValueError(f"tensor {name!r} has inconsistent offsets")
+            out[name] = np.frombuffer(raw, dtype=dt, count=int(np.prod(shape)), offset=8 + n + begin).reshape(shape)
+    except (struct.error, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"not a wanjax record ({type(e).__name__}: {e})") from None
+    if text_len is not None:
+        emb = out["prompt_embeds"]
+        if emb.shape[0] > text_len:
+            raise ValueError(f"prompt_embeds has {emb.shape[0]} tokens, more than text_len {text_len}")
+        padded = np.zeros((text_len, emb.shape[1]), emb.dtype)
+        padded[: emb.shape[0]] = emb
+        out["prompt_embeds"], out["prompt_length"] = padded, emb.shape[0]
+    return out
+
+
+# -- manifest ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetInfo:
+    repeats: int  # SimpleTuner semantics: each item is seen repeats + 1 times per epoch
+    items: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    directory: Path
+    latent_channels: int
+    text_dim: int
+    text_len: int
+    datasets: dict[str, DatasetInfo]
+    buckets: dict[str, int]  # "CxFxHxW" -> record count
+    shards: tuple[str, ...]
+    shard_items: tuple[int, ...]
+    items: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / MANIFEST
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """Read and check `directory/manifest.json`; ValueError naming the file and the problem otherwise."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path}: missing -- {directory} is not a wanjax cache, or its caching job has not finished "
+                         "(the manifest is written last)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise ValueError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    if m.get("version") != VERSION:
+        raise ValueError(f"{path}: cache format version {m.get('version')!r}; this wanjax reads version {VERSION}")
+    try:
+        man = Manifest(
+            directory=directory,
+            latent_channels=int(m["latent_channels"]),
+            text_dim=int(m["text_dim"]),
+            text_len=int(m["text_len"]),
+            datasets={k: DatasetInfo(int(v["repeats"]), int(v["items"])) for k, v in m["datasets"].items()},
+            buckets={str(k): int(v["count"]) for k, v in m["buckets"].items()},
+            shards=tuple(str(s) for s in m["shards"]),
+            shard_items=tuple(int(n) for n in m["shard_items"]),
+            items=int(m["items"]),
+            source=dict(m.get("source") or {}),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    problems = []
+    if len(man.shards) != len(man.shard_items):
+        problems.append(f"{len(man.shards)} shards but {len(man.shard_items)} shard_items")
+    for what, total in (("shard_items", sum(man.shard_items)), ("bucket counts", sum(man.buckets.values())),
+                        ("dataset items", sum(d.items for d in man.datasets.values()))):
+        if total != man.items:
+            problems.append(f"{what} sum to {total}, items is {man.items}")
+    if any(d.repeats < 0 for d in man.datasets.values()):
+        problems.append("negative repeats")
+    missing = [s for s in man.shards if not (directory / s).is_file()]
+    if missing:
+        problems.append(f"shard files missing: {missing}")
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return man
+
+
+def validate_cache(manifest: Manifest, *, latent_channels: int, text_dim: int, text_len: int | None = None) -> None:
+    """Refuse a cache the model cannot use. Cheap: run it before building the model or compiling anything."""
+    problems = []
+    if manifest.latent_channels != latent_channels:
+        problems.append(f"latents have {manifest.latent_channels} channels, the model expects {latent_channels}")
+    if manifest.text_dim != text_dim:
+        problems.append(f"prompt embeddings have {manifest.text_dim} features, the model expects {text_dim}")
+    if text_len is not None and manifest.text_len != text_len:
+        problems.append(f"prompts are padded to {manifest.text_len} tokens, the model expects {text_len}")
+    if problems:
+        raise ValueError(f"{manifest.path}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class RecordIndex:
+    """Per-record bucket and dataset ids, in global record order (shard order, then position)."""
+
+    buckets: list[str]
+    bucket: np.ndarray  # int32 [items]: index into `buckets`
+    datasets: list[str]
+    dataset: np.ndarray  # int32 [items]: index into `datasets`
+
+
+def read_record_index(manifest: Manifest) -> RecordIndex:
+    path = manifest.directory / INDEX
+    try:
+        f = SafetensorsFile(path)
+        idx = RecordIndex(json.loads(f.metadata["buckets"]), f.read("bucket"),
+                          json.loads(f.metadata["datasets"]), f.read("dataset"))
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable record index ({type(e).__name__}: {e})") from None
+    counts = dict(zip(idx.buckets, np.bincount(idx.bucket, minlength=len(idx.buckets)).tolist()))
+    if len(idx.bucket) != manifest.items or len(idx.dataset) != manifest.items or counts != manifest.buckets:
+        raise ValueError(f"{path}: disagrees with {manifest.path} (records or bucket counts differ)")
+    if not set(idx.datasets) <= set(manifest.datasets):
+        raise ValueError(f"{path}: datasets {sorted(set(idx.datasets) - set(manifest.datasets))} not in the manifest")
+    return idx
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- writing -----------------------------------------------------------------------------------------------
+class CacheWriter:
+    """Append examples to a new cache; `close()` makes it complete (shards renamed, index, manifest last).
+
+    Until `close()` returns, the directory holds only `*.partial` shards and no manifest, so an interrupted
+    job never leaves a cache that looks usable.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, latent_channels: int, text_dim: int, text_len: int = 512,
+                 shard_size: int = 256):
+        self.directory = Path(directory)
+        if (self.directory / MANIFEST).exists():
+            raise ValueError(f"{self.directory / MANIFEST} exists: {self.directory} already holds a complete cache")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.latent_channels, self.text_dim, self.text_len = latent_channels, text_dim, text_len
+        self.shard_size = shard_size
+        self._keys: set[str] = set()
+        self._bucket_ids: dict[str, int] = {}
+        self._dataset_ids: dict[str, int] = {}
+        self._bucket: list[int] = []
+        self._dataset: list[int] = []
+        self._shard_items: list[int] = []
+        self._writer: ArrayRecordWriter | None = None
+        self._closed = False
+
+    def _partial(self, i: int) -> Path:
+        return self.directory / f"records-{i:05d}.array_record.partial"
+
+    def add(self, example: Mapping[str, Any]) -> int:
+        """Append one example {key, dataset, caption, latents (C,F,H,W), prompt_embeds (T,D)[, image_embeds]}.
+        prompt_embeds holds only the T real tokens (T <= text_len). Returns the record's global index."""
+        if self._closed:
+            raise ValueError("CacheWriter is closed")
+        key = example.get("key")
+        lat, emb = np.asarray(example.get("latents")), np.asarray(example.get("prompt_embeds"))
+        if lat.ndim != 4 or lat.shape[0] != self.latent_channels:
+            raise ValueError(f"{key}: latents must be (C={self.latent_channels}, F, H, W), got {lat.shape}")
+        if emb.ndim != 2 or emb.shape[1] != self.text_dim or emb.shape[0] > self.text_len:
+            raise ValueError(f"{key}: prompt_embeds must be (T<={self.text_len}, D={self.text_dim}), got {emb.shape}")
+        if key in self._keys:
+            raise ValueError(f"duplicate key {key!r}")
+        raw = encode_record({**example, "latents": lat, "prompt_embeds": emb})
+        if self._writer is None:
+            self._writer = ArrayRecordWriter(str(self._partial(len(self._shard_items))), _WRITER_OPTIONS)
+            self._shard_items.append(0)
+        self._writer.write(raw)
+        self._shard_items[-1] += 1
+        if self._shard_items[-1] == self.shard_size:
+            self._close_shard()
+        self._keys.add(key)
+        self._bucket.append(self._bucket_ids.setdefault(bucket_key(lat.shape), len(self._bucket_ids)))
+        self._dataset.append(self._dataset_ids.setdefault(example["dataset"], len(self._dataset_ids)))
+        return len(self._bucket) - 1
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            if not self._writer.ok():
+                raise OSError(f"{self._partial(len(self._shard_items) - 1)}: ArrayRecord write failed")
+            self._writer.close()
+            self._writer = None
+
+    def close(self, datasets: Mapping[str, int] | None = None, source: Mapping[str, Any] | None = None) -> Manifest:
+        """Finish the cache. `datasets` maps dataset id -> repeats (ids without items are listed with 0 items;
+        ids with items but no entry get repeats 0); `source` is free-form provenance stored in the manifest."""
+        if self._closed:
+            raise ValueError(f"CacheWriter for {self.directory} is already closed")
+        self._close_shard()
+        self._closed = True
+        n = len(self._shard_items)
+        names = [f"records-{i:05d}-of-{n:05d}.array_record" for i in range(n)]
+        for i, name in enumerate(names):
+            os.replace(self._partial(i), self.directory / name)
+        buckets = list(self._bucket_ids)
+        ds_names = list(self._dataset_ids)
+        arrays = {"bucket": np.asarray(self._bucket, np.int32), "dataset": np.asarray(self._dataset, np.int32)}
+        names_meta = {"buckets": json.dumps(buckets), "datasets": json.dumps(ds_names)}
+        write_safetensors(self.directory / INDEX, [(k, np.int32, a.shape) for k, a in arrays.items()],
+                          arrays.__getitem__, metadata=names_meta)
+        repeats = dict(datasets or {})
+        ds_items = dict(zip(ds_names, np.bincount(arrays["dataset"], minlength=len(ds_names)).tolist()))
+        b_items = dict(zip(buckets, np.bincount(arrays["bucket"], minlength=len(buckets)).tolist()))
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "latent_channels": self.latent_channels, "text_dim": self.text_dim, "text_len": self.text_len,
+            "datasets": {k: {"repeats": int(repeats.get(k, 0)), "items": ds_items.get(k, 0)}
+                         for k in sorted(set(ds_names) | set(repeats))},
+            "buckets": {k: {"count": b_items[k]} for k in sorted(buckets)},
+            "shards": names, "shard_items": self._shard_items, "items": len(self._bucket),
+            "source": dict(source or {}),
+        }
+        _write_json_atomic(self.directory / MANIFEST, manifest)
+        return read_manifest(self.directory)
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+class CacheSource:
+    """Random-access view of a cache for grain: `source[i]` is record i decoded, prompt_embeds padded to
+    text_len, plus `index`. Shards are checked against the manifest up front (a truncated shard fails here)."""
+
+    def __init__(self, directory: str | os.PathLike, manifest: Manifest | None = None):
+        import grain  # deferred: the writer side does not need grain
+
+        self.manifest = manifest or read_manifest(directory)
+        paths = [self.manifest.directory / s for s in self.manifest.shards]
+        for path, expected in zip(paths, self.manifest.shard_items):
+            problem = None
+            try:
+                reader = ArrayRecordReader(str(path))
+                if not reader.ok():  # closing a failed reader raises its (often empty) error; let it be collected
+                    problem = "not a readable ArrayRecord file"
+                elif (found := reader.num_records()) != expected:
+                    problem = f"{found} records"
+                if problem is None or reader.ok():
+                    reader.close()
+            except RuntimeError as e:
+                problem = f"not a readable ArrayRecord file ({e})"
+            if problem:
+                raise ValueError(f"{path}: {problem}, the manifest says {expected} records (truncated or corrupt "
+                                 "shard; re-run the caching job)")
+        self._ends = list(np.cumsum(self.manifest.shard_items).tolist())
+        self._paths = paths
+        # "path[0:n]" spares grain from reopening every shard to count its records
+        ranges = [f"{p}[0:{n}]" for p, n in zip(paths, self.manifest.shard_items)]
+        self._source = grain.sources.ArrayRecordDataSource(ranges) if self.manifest.items else None
+
+    def __len__(self) -> int:
+        return self.manifest.items
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} out of range for a cache of {len(self)}")
+        shard = bisect.bisect_right(self._ends, index)
+        try:
+            example = decode_record(self._source[index], text_len=self.manifest.text_len)
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{self._paths[shard]}: record {index} ({e})") from None
+        example["index"] = index
+        return example
+
+
+# -- side files --------------------------------------------------------------------------------------------
+def write_text_embeds(
+    path: str | os.PathLike, embeds: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Named text embeddings (e.g. the empty prompt, validation prompts) to one safetensors file, dtypes kept."""
+    arrays = {k: np.asarray(v) for k, v in embeds.items()}
+    write_safetensors(path, [(k, a.dtype, a.shape) for k, a in arrays.items()], arrays.__getitem__,
+                      metadata=dict(metadata or {}))
+
+
+def read_text_embeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    f = SafetensorsFile(path)
+    return {k: f.read(k) for k in f.keys()}
+
+
+# -- sample data ------------------------------------------------------------------------------------------
+def write_synthetic_cache(
+    directory: str | os.PathLike,
+    *,
+    num_items: int = 8,
+    latent_channels: int = 16,
+    text_dim: int = 32,
+    text_len: int = 512,
+    shapes: Sequence[tuple[int, int, int]] = ((2, 4, 6), (3, 4, 4)),
+    datasets: dict[str, int] | None = None,
+    dtype: Any = ml_dtypes.bfloat16,
+    image_embeds_shape: tuple[int, int] | None = None,
+    shard_size: int = 4,
+    seed: int = 0,
+) -> Manifest:
+    """Write `num_items` random examples. Item i has latent shape (C, *shapes[i % len(shapes)]), dataset
+    list(datasets)[(i // len(shapes)) % len(datasets)] (`datasets`: {id: repeats}, default {"synthetic": 0}), so
+    every bucket mixes the datasets, and a true prompt length in [1, min(text_len, 24)]. Deterministic in `seed`."""
+    datasets = {"synthetic": 0} if datasets is None else dict(datasets)
+    ids = list(datasets)
+    rng = np.random.default_rng(seed)
+    writer = CacheWriter(directory, latent_channels=latent_channels, text_dim=text_dim, text_len=text_len,
+                         shard_size=shard_size)
+    for i in range(num_items):
+        fhw = tuple(shapes[i % len(shapes)])
+        t = int(rng.integers(1, min(text_len, 24) + 1))
+        example = {
+            "key": f"synthetic/{i:06d}.mp4",
+            "dataset": ids[(i // len(shapes)) % len(ids)],
+            "caption": f"synthetic clip {i}",
+            "latents": rng.standard_normal((latent_channels, *fhw), np.float32).astype(dtype),
+            "prompt_embeds": rng.standard_normal((t, text_dim), np.float32).astype(dtype),
+        }
+        if image_embeds_shape is not None:
+            example["image_embeds"] = rng.standard_normal(image_embeds_shape, np.float32).astype(dtype)
+        writer.add(example)
+    return writer.close(datasets=datasets, source={"generator": "write_synthetic_cache", "seed": seed})
