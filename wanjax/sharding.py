@@ -81,3 +81,62 @@ def param_shardings(shapes: dict, mesh: Mesh) -> dict:
         return NamedSharding(mesh, logical_to_spec(param_logical_axes(names, len(leaf.shape)), leaf.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def fsdp_shardings(tree, mesh: Mesh, *, stacked_prefix: str = "blocks") -> dict:
+    """Shard each leaf's largest dimension that `fsdp` divides (never a stacked layer axis); small or
+    indivisible leaves stay replicated. For trainables (LoRA, optimizer moments, EMA): equal shapes get
+    equal specs, so moments line up with their parameters."""
+    size = mesh.shape["fsdp"]
+
+    def one(path, leaf):
+        shape = tuple(leaf.shape)
+        names = [getattr(k, "key", getattr(k, "name", str(k))) for k in path]
+        skip_first = stacked_prefix in names and len(shape) >= 3
+        spec = [None] * len(shape)
+        candidates = [i for i in range(len(shape)) if not (skip_first and i == 0)]
+        if size > 1 and candidates:
+            best = max(candidates, key=lambda i: shape[i])
+            if shape[best] % size == 0 and shape[best] >= size:
+                spec[best] = "fsdp"
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, batch_axis: int = 0) -> NamedSharding:
+    """Split the batch axis over data x fsdp; everything else replicated."""
+    spec = [None] * ndim
+    spec[batch_axis] = ("data", "fsdp")
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def maybe_initialize_distributed() -> bool:
+    """Start multi-process JAX when the environment asks for it; returns whether it did.
+
+    Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (e.g. localhost tests, custom
+    launchers). Otherwise JAX's own detection on multi-worker TPU slices and multi-task SLURM jobs.
+    """
+    import os
+
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") and env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+        # Cross-process collectives for CPU devices (tests on localhost); no effect on GPU/TPU backends.
+        # Must not query the backend here: initialize() has to run before any backend starts.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+        return True
+    slurm_multi = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
+    tpu_multi = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    if slurm_multi or tpu_multi:
+        jax.distributed.initialize()
+        return True
+    return False

@@ -1,0 +1,87 @@
+"""Options every wanjax job shares, with SimpleTuner's names where SimpleTuner has the option.
+
+New options (mesh, kernels, remat) are grouped (`config.mesh.fsdp`, `config.model.remat_policy`). Every key
+exists here with its type, so `--config.key=value` overrides are type-checked and unknown keys are refused.
+"""
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    # -- model -----------------------------------------------------------------------------------------
+    c.model_family = "wan"
+    c.model_type = "lora"  # "lora" (full fine-tuning is not offered)
+    c.model_flavour = placeholder(str)  # SimpleTuner flavours, e.g. "i2v-14b-2.2-low" picks transformer_2
+    c.pretrained_model_name_or_path = DEFAULT_MODEL
+    c.pretrained_transformer_subfolder = "transformer"
+    c.mixed_precision = "bf16"  # dtype of the frozen base: bf16 | fp32
+    c.model = ConfigDict(dict(attention="auto", remat_policy="full"))  # gradient_checkpointing -> remat
+    c.tiny_assets_dir = ""  # tiny variants: build the tiny pipeline + sample cache here when missing
+
+    # -- LoRA ------------------------------------------------------------------------------------------
+    c.lora_rank = 16
+    c.lora_alpha = placeholder(float)  # None: alpha = rank (PEFT's default scale 1)
+    c.lora_target_modules = "to_q,to_k,to_v,to_out.0"  # matched in attn1 and attn2
+    c.init_lora = placeholder(str)  # start from an existing LoRA file (any format load_lora reads)
+
+    # -- data ------------------------------------------------------------------------------------------
+    c.cache_dir = "cache/wan"  # wanjax cache: manifest.json + ArrayRecord shards + text embeds
+    c.data_backend_config = placeholder(str)  # SimpleTuner multidatabackend.json (used by caching)
+    c.train_batch_size = 1  # per optimizer step, per process... see README: global = this x processes
+    c.caption_dropout_probability = 0.1
+    c.data_workers = 0
+
+    # -- flow matching ---------------------------------------------------------------------------------
+    c.flow_schedule_shift = 3.0
+    c.flow_schedule_auto_shift = False
+    c.flow_use_uniform_schedule = False
+    c.flow_use_beta_schedule = False
+    c.flow_beta_schedule_alpha = 2.0
+    c.flow_beta_schedule_beta = 2.0
+    c.flow_sigmoid_scale = 1.0
+
+    # -- optimisation ----------------------------------------------------------------------------------
+    c.seed = 42
+    c.max_train_steps = 1000
+    c.num_train_epochs = 0
+    c.learning_rate = 1e-4
+    c.optimizer = "adamw_bf16"
+    c.optimizer_config = ""
+    c.lr_scheduler = "constant"
+    c.lr_warmup_steps = 0
+    c.lr_num_cycles = 1
+    c.lr_power = 0.8
+    c.lr_end = 4e-7
+    # None: the optimizer's own defaults (SimpleTuner's per-optimizer table); set to override.
+    c.adam_beta1 = placeholder(float)
+    c.adam_beta2 = placeholder(float)
+    c.adam_epsilon = placeholder(float)
+    c.adam_weight_decay = placeholder(float)
+    c.optimizer_beta1 = placeholder(float)
+    c.optimizer_beta2 = placeholder(float)
+    c.max_grad_norm = 2.0
+    c.grad_clip_method = "value"
+    c.gradient_accumulation_steps = 1
+    c.prodigy_steps = placeholder(int)  # None: never freeze the Prodigy step-size estimate
+    c.use_ema = False
+    c.ema_decay = 0.995
+    c.ema_update_interval = 1
+
+    # -- sharding --------------------------------------------------------------------------------------
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
+
+    # -- checkpoints, logging, output ------------------------------------------------------------------
+    c.output_dir = "output/wan"
+    c.checkpoint_step_interval = 500
+    c.checkpoints_total_limit = 5
+    c.resume_from_checkpoint = placeholder(str)  # "latest" or a checkpoint path
+    c.report_to = "wandb"  # wandb | none
+    c.tracker_project_name = "wanjax"
+    c.tracker_run_name = "wanjax-run"
+    c.log_every = 1
+    c.lora_export_format = "diffusers"  # diffusers | comfyui
+    return c

@@ -1,0 +1,199 @@
+"""The LoRA trainer end to end on the tiny default: export loads in diffusers, exact resume, 1 device == 8 devices
+== 2 processes, and bad settings refused before any compute."""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+import wanjax
+from wanjax import lora as lora_lib
+from wanjax import tiny
+from wanjax.train import ConfigError, main, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _get_config(name, arg):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    return tiny.ensure_assets(tmp_path_factory.mktemp("tiny") / "tiny-wan")
+
+
+def tiny_config(assets, out, **overrides):
+    c = _get_config("lora", "tiny")
+    c.tiny_assets_dir = str(assets)
+    c.pretrained_model_name_or_path = str(assets / "pipeline")
+    c.cache_dir = str(assets / "latents")
+    c.output_dir = str(out)
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def cli_args(assets, out, **overrides):
+    args = [f"--config={ROOT / 'configs' / 'lora.py'}:tiny", f"--config.tiny_assets_dir={assets}",
+            f"--config.pretrained_model_name_or_path={assets / 'pipeline'}", f"--config.cache_dir={assets / 'latents'}",
+            f"--config.output_dir={out}"]
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_tiny_run_lora_loads_in_diffusers(assets, tmp_path):
+    """4 steps -> pytorch_lora_weights.safetensors -> WanPipeline.load_lora_weights matches wanjax with that LoRA."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    out = tmp_path / "run"
+    summary = run(tiny_config(assets, out, max_train_steps=4, checkpoint_step_interval=2))
+    assert summary["steps"] == 4 and len(summary["losses"]) == 4 and all(np.isfinite(summary["losses"]))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all({"loss", "lr"} <= set(r) for r in rows)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["max_train_steps"] == 4 and saved["lora_rank"] == 4
+    path = out / "pytorch_lora_weights.safetensors"
+    lora = lora_lib.load_lora(path)
+    assert np.abs(np.asarray(lora.params["blocks"]["attn1"]["to_q"]["B"])).max() > 0  # it trained
+
+    transformer = WanTransformer3DModel.from_pretrained(assets / "pipeline" / "transformer").eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler())
+    pipe.load_lora_weights(str(path))
+    cfg = dict(transformer.config)
+    inp = ref.inputs(cfg, text_len=9)
+    expected = ref.torch_forward(pipe.transformer, inp)
+    config, params = wanjax.load_transformer(assets / "pipeline", dtype=jnp.float32)
+    kw = {k: jnp.asarray(v) for k, v in inp.items()}
+    ours = wanjax.transformer_forward(config, params, kw["hidden_states"], kw["timestep"], kw["encoder_hidden_states"],
+                                      lora=lora_lib.load_lora(path, config=config))
+    base = ref.torch_forward(WanTransformer3DModel.from_pretrained(assets / "pipeline" / "transformer").eval(), inp)
+    assert ref.rel_err(expected, base) > 1e-4  # the LoRA changes the output...
+    assert ref.rel_err(np.asarray(ours), expected) <= 1e-4  # ...and diffusers applies it as wanjax does
+
+    # the checkpoint exporter writes the same adapter (EMA weights, as the final export)
+    exported = tmp_path / "exported.safetensors"
+    r = subprocess.run([sys.executable, str(ROOT / "convert" / "export_lora.py"), "--src", str(out), "--dst",
+                        str(exported)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    a, b = lora_lib.load_lora(path), lora_lib.load_lora(exported)
+    for x, y in zip(*(sorted(jnp.ravel(v).tolist()[:5] for v in __import__("jax").tree_util.tree_leaves(t.params))
+                      for t in (a, b))):
+        assert x == y
+
+
+def test_resume_is_exact(assets, tmp_path):
+    """3 steps + resume + 3 steps logs the same losses as 6 uninterrupted steps."""
+    common = dict(checkpoint_step_interval=3, use_ema=True)
+    run(tiny_config(assets, tmp_path / "full", max_train_steps=6, **common))
+    run(tiny_config(assets, tmp_path / "split", max_train_steps=3, **common))
+    summary = run(tiny_config(assets, tmp_path / "split", max_train_steps=6, resume_from_checkpoint="latest", **common))
+    assert summary["start_step"] == 3
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert len(full) == len(split) == 6
+    assert full == split  # bitwise: same state, same RNG, same batches
+    a = lora_lib.load_lora(tmp_path / "full" / "pytorch_lora_weights.safetensors")
+    b = lora_lib.load_lora(tmp_path / "split" / "pytorch_lora_weights.safetensors")
+    for x, y in zip(__import__("jax").tree_util.tree_leaves(a.params), __import__("jax").tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+    return env
+
+
+def test_one_device_eight_devices_two_processes_agree(assets, tmp_path):
+    common = dict(max_train_steps=3, train_batch_size=8, checkpoint_step_interval=0, gradient_accumulation_steps=2)
+    # 8 simulated devices in this process, mesh data x fsdp
+    run(tiny_config(assets, tmp_path / "eight", **{"mesh.data": 2, "mesh.fsdp": 4}, **common))
+    # 1 device
+    r = subprocess.run([sys.executable, "-m", "wanjax.train", *cli_args(assets, tmp_path / "one", **common,
+                        **{"mesh.fsdp": 1})], env=_env(1), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # 2 processes x 2 CPU devices on localhost
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "wanjax.train", *cli_args(assets, tmp_path / "two", **common,
+                          **{"mesh.data": 2, "mesh.fsdp": 2})],
+                         env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                  JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    one, eight, two = (np.array(losses(tmp_path / d)) for d in ("one", "eight", "two"))
+    assert len(one) == len(eight) == len(two) == 3
+    np.testing.assert_allclose(eight, one, rtol=1e-4)
+    np.testing.assert_allclose(two, one, rtol=1e-4)
+
+
+# -- bad input, refused before compute ---------------------------------------------------------------------
+def test_unknown_config_key_refused(assets, tmp_path, capsys):
+    rc = main(["train", *cli_args(assets, tmp_path / "x"), "--config.learning_rat=1e-4"])
+    assert rc == 2 and "unknown config key 'learning_rat'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_model_path_refused(assets, tmp_path):
+    with pytest.raises(ConfigError, match="pretrained_model_name_or_path=.*no-such-dir"):
+        run(tiny_config(assets, tmp_path / "x", pretrained_model_name_or_path=str(tmp_path / "no-such-dir")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cache_with_wrong_channels_refused(assets, tmp_path):
+    from wanjax.data import records
+
+    records.write_synthetic_cache(tmp_path / "cache48", num_items=4, latent_channels=48, text_dim=32)
+    with pytest.raises(ConfigError, match="48 channels.*16"):
+        run(tiny_config(assets, tmp_path / "x", cache_dir=str(tmp_path / "cache48")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_lora_for_another_architecture_refused(assets, tmp_path):
+    other = wanjax.WanConfig(num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
+                             text_dim=32, ffn_dim=64, num_layers=2)
+    import jax
+
+    lora_lib.save_lora(lora_lib.init_lora(other, jax.random.key(0), rank=4), tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match="init_lora=.*(48|32)"):
+        run(tiny_config(assets, tmp_path / "x", init_lora=str(tmp_path / "other.safetensors")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_simpletuner_config_maps_and_reports(tmp_path, capsys):
+    c = _get_config("simpletuner", "/work/shared/seed-configs/lora-config.json"
+                    if Path("/work/shared/seed-configs/lora-config.json").exists() else None)
+    err = capsys.readouterr().err
+    assert c.optimizer == "optimi-lion" and c.learning_rate == 5e-5 and c.lora_rank == 16
+    assert c.use_ema is True and c.ema_update_interval == 2 and c.model.remat_policy == "full"
+    assert "attention_mechanism" in c.simpletuner.unhonored and "[simpletuner] attention_mechanism" in err

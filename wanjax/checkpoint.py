@@ -1,0 +1,83 @@
+"""Orbax checkpoints of a training run: state pytree + data-iterator state + JSON metadata, atomically.
+
+Layout: `output_dir/checkpoints/<step>/{state, data, meta}`. Orbax writes each step under a temporary name
+and renames it when complete, so a checkpoint is complete or absent; `checkpoints_total_limit` keeps the
+newest N. The data item is grain's own handler: each process saves its iterator, so a resumed run sees
+exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir).absolute() / "checkpoints"
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, metadata) by step."""
+
+    def __init__(self, output_dir: str | os.PathLike, *, max_to_keep: int | None):
+        self.directory = checkpoint_dir(output_dir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, iterator: Any, meta: dict) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(iterator),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, dict]:
+        """Restore into `abstract_state` (ShapeDtypeStructs carrying shardings); sets `iterator`'s position."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=grain.checkpoint.CheckpointRestore(iterator),
+            meta=ocp.args.JsonRestore(),
+        )
+        out = self.manager.restore(step, args=args)
+        return out.state, out.meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def resolve_resume(spec: str | None, output_dir: str | os.PathLike) -> tuple[Path, int] | None:
+    """`resume_from_checkpoint`: None / "" (start fresh), "latest" (newest in output_dir, or fresh if none),
+    or a checkpoint path `.../checkpoints/<step>`. Returns (checkpoints dir, step)."""
+    if not spec:
+        return None
+    if spec == "latest":
+        directory = checkpoint_dir(output_dir)
+        if not directory.exists():
+            return None
+        steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp.utils, "checkpoint_steps") else None
+        if steps is None:
+            steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+        return (directory, max(steps)) if steps else None
+    path = Path(spec).absolute()
+    if not path.is_dir() or not path.name.isdigit() or not (path / "state").exists():
+        raise ValueError(f"resume_from_checkpoint={spec!r}: expected 'latest' or a checkpoint folder .../checkpoints/<step>")
+    return path.parent, int(path.name)
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0

@@ -1,0 +1,1 @@
+"""Pure loss and step functions: flow matching (LoRA training), DMD and DCM distillation."""

@@ -1,0 +1,364 @@
+"""The trainer: `python -m wanjax.train --config configs/lora.py[:variant] [--config.key=value ...] [--dry_run]`.
+
+Orchestration only; the math lives in pure step functions (wanjax/losses). Phases:
+  1. resolve and validate everything (config, model files, cache, LoRA file) before any compute
+  2. mesh and the frozen base, sharded as it is read
+  3. trainable state (LoRA, optimizer, EMA), sharded
+  4. data iterator, checkpoints, resume
+  5. the loop: batches -> jitted step -> metrics -> checkpoints + LoRA export
+  6. final export: pytorch_lora_weights.safetensors + config.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+logger = logging.getLogger("wanjax.train")
+
+# SimpleTuner's model flavours: (default repo, transformer subfolder). diffusers' convention: `transformer` is
+# the high-noise expert of Wan2.2 A14B and `transformer_2` the low-noise one.
+FLAVOURS = {
+    "t2v-480p-1.3b-2.1": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "transformer"),
+    "t2v-480p-14b-2.1": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "transformer"),
+    "i2v-14b-2.1": ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "transformer"),
+    "i2v-14b-2.1-720p": ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "transformer"),
+    "flf2v-14b-2.1": ("Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", "transformer"),
+    "t2v-a14b-2.2-high": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer"),
+    "t2v-a14b-2.2-low": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer_2"),
+    "i2v-14b-2.2-high": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "transformer"),
+    "i2v-14b-2.2-low": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "transformer_2"),
+    "ti2v-5b-2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "transformer"),
+}
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, "no": jnp.float32}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised before any compute."""
+
+
+# =========================================================================================================
+# Phase 1: resolve and validate
+# =========================================================================================================
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """What the run will use, decided and checked before any compute."""
+
+    model_path: str
+    subfolder: str | None
+    base_dtype: Any
+    reader: Any  # ParamReader of the base transformer (headers read, no weights)
+    manifest: Any
+    lora_targets: tuple[str, ...]
+    lora_alpha: float
+    init_lora: Any  # LoraWeights or None
+    optim: Any  # OptimConfig
+    fm: Any  # FlowMatchingConfig
+    iterator: Any  # the data iterator (its batch plan already validated)
+
+
+def resolve_model(config) -> tuple[str, str | None]:
+    path, sub = config.pretrained_model_name_or_path, config.pretrained_transformer_subfolder
+    if config.model_flavour:
+        if config.model_flavour not in FLAVOURS:
+            raise ConfigError(f"model_flavour={config.model_flavour!r}: expected one of {sorted(FLAVOURS)}")
+        flavour_path, sub = FLAVOURS[config.model_flavour]
+        path = path or flavour_path
+    return path or FLAVOURS["t2v-480p-1.3b-2.1"][0], sub
+
+
+def resolve(config) -> Resolved:
+    from wanjax import lora as lora_lib
+    from wanjax import optim
+    from wanjax.data import pipeline, records
+    from wanjax.losses.flow_matching import FlowMatchingConfig
+    from wanjax.transformer_io import open_reader
+
+    if config.model_type != "lora":
+        raise ConfigError(f"model_type={config.model_type!r}: wanjax trains LoRA adapters ('lora')")
+    if config.mixed_precision not in DTYPES:
+        raise ConfigError(f"mixed_precision={config.mixed_precision!r}: expected one of {sorted(DTYPES)}")
+    if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
+        raise ConfigError("train_batch_size and gradient_accumulation_steps must be >= 1")
+    if config.tiny_assets_dir:
+        from wanjax import tiny
+
+        tiny.ensure_assets(config.tiny_assets_dir)
+
+    path, sub = resolve_model(config)
+    try:
+        reader = open_reader(path, subfolder=sub)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"pretrained_model_name_or_path={path!r}: {e}") from None
+    except Exception as e:  # hub errors (offline, missing repo) come in many types
+        raise ConfigError(f"pretrained_model_name_or_path={path!r}: not a local path and the hub download failed: {e}") from None
+    model = reader.config
+    if model.in_channels != model.out_channels:
+        raise ConfigError(
+            f"{path}: in_channels {model.in_channels} != out_channels {model.out_channels}: image-conditioned (I2V) "
+            "training needs conditioning latents in the cache, which the LoRA trainer does not build yet"
+        )
+
+    try:
+        manifest = records.read_manifest(config.cache_dir)
+        records.validate_cache(manifest, latent_channels=model.in_channels, text_dim=model.text_dim)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"cache_dir={config.cache_dir!r}: {e}") from None
+    if not (Path(config.cache_dir) / "empty_prompt.safetensors").exists():
+        raise ConfigError(f"cache_dir={config.cache_dir!r}: empty_prompt.safetensors (the cached embedding of \"\", "
+                          "used for caption dropout) is missing")
+
+    try:
+        targets = lora_lib.parse_targets(config.lora_target_modules)
+    except ValueError as e:
+        raise ConfigError(f"lora_target_modules: {e}") from None
+    alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
+    init = None
+    if config.init_lora:
+        try:
+            init = lora_lib.load_lora(config.init_lora, config=model)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"init_lora={config.init_lora!r}: {e}") from None
+
+    try:
+        # Accumulation happens inside the step (micro-batches scanned), so the optimizer sees one mean gradient.
+        optim_cfg = optim.OptimConfig.from_mapping({**config.to_dict(), "gradient_accumulation_steps": 1})
+        optim.make_optimizer(optim_cfg)  # refuses unknown names now, not after loading 14B weights
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    sampler = "uniform" if config.flow_use_uniform_schedule else "beta" if config.flow_use_beta_schedule else "logit_normal"
+    fm = FlowMatchingConfig(
+        sampler=sampler, shift=float(config.flow_schedule_shift), auto_shift=bool(config.flow_schedule_auto_shift),
+        logit_std=float(config.flow_sigmoid_scale), beta_alpha=float(config.flow_beta_schedule_alpha),
+        beta_beta=float(config.flow_beta_schedule_beta),
+        caption_dropout_probability=float(config.caption_dropout_probability),
+    )
+    try:  # the batch plan is checked here too (e.g. no bucket fills a global batch), before weights load
+        iterator = pipeline.make_batch_iterator(
+            config.cache_dir, global_batch_size=config.train_batch_size * config.gradient_accumulation_steps,
+            seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+            worker_count=config.data_workers,
+        )
+    except ValueError as e:
+        raise ConfigError(f"cache_dir={config.cache_dir!r}: {e}") from None
+    return Resolved(path, sub, DTYPES[config.mixed_precision], reader, manifest, targets, alpha, init, optim_cfg, fm,
+                    iterator)
+
+
+# =========================================================================================================
+# Phases 2-6
+# =========================================================================================================
+def _abstract(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _global_batch(local: dict, mesh) -> dict:
+    """Per-process numpy batch -> global arrays, batch axis sharded over data x fsdp."""
+    from wanjax.sharding import batch_sharding
+
+    out = {}
+    for k in ("latents", "prompt_embeds"):
+        arr = np.asarray(local[k], np.float32)
+        global_shape = (arr.shape[0] * jax.process_count(), *arr.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, arr.ndim), arr, global_shape)
+    return out
+
+
+def _export_lora(lora_lib, spec, params, output_dir: Path, fmt: str) -> Path:
+    path = output_dir / "pytorch_lora_weights.safetensors"
+    if jax.process_index() == 0:
+        host = jax.tree_util.tree_map(np.asarray, params)
+        lora_lib.save_lora(spec.wrap(host), path, format=fmt)
+    return path
+
+
+def run(config) -> dict:
+    """Train; returns a summary dict. Every bad setting raises ConfigError before compute starts."""
+    from wanjax import lora as lora_lib
+    from wanjax import optim
+    from wanjax.checkpoint import Checkpointer, resolve_resume
+    from wanjax.data import records
+    from wanjax.losses import flow_matching as fmlib
+    from wanjax.metrics import MetricsWriter
+    from wanjax.models.transformer import param_shapes
+    from wanjax.sharding import fsdp_shardings, make_mesh, param_shardings, replicated
+    from wanjax.transformer_io import materialize
+
+    # -- 1. resolve -------------------------------------------------------------------------------------
+    r = resolve(config)
+    output_dir = Path(config.output_dir)
+    mesh = make_mesh(**dict(config.mesh))
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.train_batch_size % dp:
+        raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by data x fsdp = {dp}")
+    if config.train_batch_size % jax.process_count():
+        raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {jax.process_count()} processes")
+    resume = resolve_resume(config.resume_from_checkpoint, output_dir)
+    if jax.process_index() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(config, output_dir)
+
+    # -- 2. mesh + frozen base ----------------------------------------------------------------------------
+    model = r.reader.config.replace(attention=config.model.attention, remat_policy=config.model.remat_policy)
+    base = materialize(r.reader, dtype=r.base_dtype, shardings=param_shardings(param_shapes(model), mesh))
+    empty = records.read_text_embeds(Path(config.cache_dir) / "empty_prompt.safetensors")["empty"]
+    empty = np.zeros((r.manifest.text_len, model.text_dim), np.float32) + np.pad(
+        np.asarray(empty, np.float32), ((0, r.manifest.text_len - empty.shape[0]), (0, 0)))
+    frozen = fmlib.Frozen(params=base, empty_prompt_embeds=jax.device_put(jnp.asarray(empty), replicated(mesh)))
+
+    # -- 3. trainable state ---------------------------------------------------------------------------------
+    spec = fmlib.LoraSpec(rank=int(config.lora_rank), alpha=r.lora_alpha, targets=r.lora_targets)
+    if r.init_lora is not None:
+        spec = fmlib.LoraSpec(rank=r.init_lora.rank, alpha=r.init_lora.alpha, targets=r.init_lora.targets)
+    optimizer = optim.make_optimizer(r.optim)
+    schedule = optim.make_schedule(r.optim)
+    rng = jax.random.key(config.seed)
+
+    def init_state(key):
+        if r.init_lora is not None:
+            lora_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), r.init_lora.params)
+        else:
+            lora_params = lora_lib.init_lora(model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
+        ema = optim.ema_init(lora_params) if config.use_ema else None
+        return fmlib.TrainState(step=jnp.zeros((), jnp.int32), lora=lora_params, opt_state=optimizer.init(lora_params),
+                                ema=ema, rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    abstract = jax.eval_shape(init_state, rng)
+    state_shardings = fsdp_shardings(abstract, mesh)
+    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+
+    # -- 4. data, checkpoints, resume ------------------------------------------------------------------------
+    accum = int(config.gradient_accumulation_steps)  # one global batch of accum x train_batch_size per step
+    iterator = r.iterator
+    ckpt = Checkpointer(output_dir, max_to_keep=config.checkpoints_total_limit)
+    start = 0
+    if resume is not None:
+        ckpt_dir, step = resume
+        source = ckpt if ckpt_dir == ckpt.directory else Checkpointer(ckpt_dir.parent, max_to_keep=None)
+        state, _ = source.restore(step, _abstract(abstract, state_shardings), iterator)
+        start = int(state.step)
+        logger.info("resumed from %s/%d", ckpt_dir, step)
+
+    # -- 5. the loop ------------------------------------------------------------------------------------
+    ema_update = None
+    if config.use_ema:
+        ema_update = functools.partial(optim.ema_update, decay=config.ema_decay, update_interval=config.ema_update_interval)
+    loss_fn = functools.partial(fmlib.flow_matching_loss, model=model, lora=spec, fm=r.fm)
+    step_fn = jax.jit(
+        functools.partial(fmlib.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+                          ema_update=ema_update, accum=accum),
+        in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None), donate_argnums=(0,),
+    )
+    total = int(config.max_train_steps)
+    writer = MetricsWriter(output_dir, report_to=config.report_to, project=config.tracker_project_name,
+                           run_name=config.tracker_run_name, config=config.to_dict(), total_steps=total,
+                           initial_step=start, resume=resume is not None)
+    meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
+            "model": model.to_diffusers(), "seed": int(config.seed)}
+    losses = []
+    t0 = time.perf_counter()
+    step = start
+    try:
+        while step < total:
+            batch = _global_batch(next(iterator), mesh)
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            if step % config.log_every == 0 or step == total:
+                metrics = jax.device_get(metrics)
+                losses.append(float(metrics["loss"]))
+                writer.log(step, metrics)
+            writer.advance()
+            if config.checkpoint_step_interval and step % config.checkpoint_step_interval == 0 and step < total:
+                ckpt.save(step, state, iterator, meta)
+                _export_lora(lora_lib, spec, state.lora, output_dir, config.lora_export_format)
+        # -- 6. final checkpoint + export -------------------------------------------------------------------
+        if ckpt.latest_step() != step:  # a rerun of a finished run resumes at the end: nothing new to save
+            ckpt.save(step, state, iterator, meta)
+        ckpt.wait()
+        final = state.ema if (state.ema is not None) else state.lora
+        path = _export_lora(lora_lib, spec, final, output_dir, config.lora_export_format)
+    finally:
+        writer.close()
+        ckpt.close()
+    return {"steps": step, "start_step": start, "losses": losses, "lora": str(path),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _write_config(config, output_dir: Path, extra: dict | None = None) -> None:
+    data = json.loads(config.to_json_best_effort())
+    if extra:
+        data.update(extra)
+    tmp = output_dir / "config.json.partial"
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, output_dir / "config.json")
+
+
+# =========================================================================================================
+# Command line
+# =========================================================================================================
+def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.key` overrides in sys.argv itself
+    try:
+        config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/lora.py:tiny", flag_values=fv,
+                                        lock_config=True)
+        flags.DEFINE_bool("dry_run", False, "print the resolved config as JSON and exit", flag_values=fv)
+        fv(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: bad command line or config: {_explain_flag_error(e)}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+    if fv.config is None:
+        print("error: --config is required, e.g. --config configs/lora.py:tiny", file=sys.stderr)
+        return 2
+    config = fv.config
+    if fv.dry_run:
+        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain narrate every file operation at INFO
+    from wanjax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    try:
+        summary = run(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(json.dumps({"summary": summary}))
+    return 0
+
+
+def _explain_flag_error(e: Exception) -> str:
+    if isinstance(e, (AttributeError, KeyError)):
+        import re
+
+        text = str(e)
+        key = re.search(r"[\w.]+", text.replace("\\n", " ").replace("Did you mean", " "))
+        hint = re.search(r'Did you mean "([\w.]+)"', text)
+        name = key.group(0) if key else text
+        suggestion = f"; did you mean {hint.group(1)!r}?" if hint else ""
+        return f"unknown config key {name!r}{suggestion} (run with --dry_run to list every key)"
+    return str(e)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
