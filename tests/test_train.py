@@ -20,6 +20,7 @@ from wanjax import tiny
 from wanjax.train import ConfigError, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
+SEEDS = Path(__file__).parent / "fixtures" / "simpletuner"  # SimpleTuner's seed configs, as users bring them
 
 
 def _get_config(name, arg):
@@ -191,9 +192,29 @@ def test_lora_for_another_architecture_refused(assets, tmp_path):
 
 
 def test_simpletuner_config_maps_and_reports(tmp_path, capsys):
-    c = _get_config("simpletuner", "/work/shared/seed-configs/lora-config.json"
-                    if Path("/work/shared/seed-configs/lora-config.json").exists() else None)
+    c = _get_config("simpletuner", str(SEEDS / "lora-config.json"))
     err = capsys.readouterr().err
     assert c.optimizer == "optimi-lion" and c.learning_rate == 5e-5 and c.lora_rank == 16
     assert c.use_ema is True and c.ema_update_interval == 2 and c.model.remat_policy == "full"
     assert "attention_mechanism" in c.simpletuner.unhonored and "[simpletuner] attention_mechanism" in err
+
+
+def test_simpletuner_seed_config_trains_on_tiny(assets, tmp_path, monkeypatch):
+    """The LoRA seed config through the mapper (optimi-lion, SimpleTuner cosine, EMA, bf16 base), on the tiny
+    assets: trains, keeps checkpoints_total_limit, logs to wandb offline without credentials, and records the
+    keys it did not honor in output_dir/config.json."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    c = _get_config("simpletuner", str(SEEDS / "lora-config.json"))
+    for key, value in dict(pretrained_model_name_or_path=str(assets / "pipeline"), cache_dir=str(assets / "latents"),
+                           output_dir=str(tmp_path / "st"), max_train_steps=3, checkpoint_step_interval=1,
+                           checkpoints_total_limit=2, train_batch_size=8).items():
+        c[key] = value
+    summary = run(c)
+    assert summary["steps"] == 3 and all(np.isfinite(summary["losses"]))
+    out = tmp_path / "st"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["optimizer"] == "optimi-lion" and "attention_mechanism" in recorded["simpletuner"]["unhonored"]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb should log offline without credentials"
