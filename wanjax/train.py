@@ -12,7 +12,6 @@ Orchestration only; the math lives in pure step functions (wanjax/losses). Phase
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -66,6 +65,7 @@ class Resolved:
     optim: Any  # OptimConfig
     fm: Any  # FlowMatchingConfig
     iterator: Any  # the data iterator (its batch plan already validated)
+    method: str = "lora"
 
 
 def resolve_model(config) -> tuple[str, str | None]:
@@ -176,24 +176,46 @@ def _global_batch(local: dict, mesh) -> dict:
     return out
 
 
-def _export_lora(lora_lib, spec, params, output_dir: Path, fmt: str) -> Path:
-    path = output_dir / "pytorch_lora_weights.safetensors"
-    if jax.process_index() == 0:
-        host = jax.tree_util.tree_map(np.asarray, params)
-        lora_lib.save_lora(spec.wrap(host), path, format=fmt)
-    return path
+def _export(method, state, output_dir: Path, fmt: str, *, final: bool) -> list[str]:
+    """Write the method's adapters as LoRA files in output_dir (process 0)."""
+    from wanjax import lora as lora_lib
+
+    paths = []
+    for stem, adapter in method.exports(state, final).items():
+        path = output_dir / f"{stem}.safetensors"
+        if jax.process_index() == 0:
+            host = adapter.replace(params=jax.tree_util.tree_map(np.asarray, adapter.params))
+            lora_lib.save_lora(host, path, format=fmt)
+        paths.append(str(path))
+    return paths
+
+
+def _cached_text_embeds(cache_dir: str, text_len: int, mesh) -> dict:
+    """The cache's empty-prompt (and negative-prompt, when cached) embeddings, zero-padded to text_len."""
+    from wanjax.data import records
+    from wanjax.sharding import replicated
+
+    out = {}
+    for name, fname in (("empty", "empty_prompt.safetensors"), ("negative", "validation_prompts.safetensors")):
+        path = Path(cache_dir) / fname
+        if not path.exists():
+            continue
+        embeds = records.read_text_embeds(path)
+        if name not in embeds:
+            continue
+        e = np.asarray(embeds[name], np.float32)
+        e = np.pad(e, ((0, text_len - e.shape[0]), (0, 0)))
+        out[name] = jax.device_put(jnp.asarray(e), replicated(mesh))
+    return out
 
 
 def run(config) -> dict:
     """Train; returns a summary dict. Every bad setting raises ConfigError before compute starts."""
-    from wanjax import lora as lora_lib
-    from wanjax import optim
+    from wanjax import methods
     from wanjax.checkpoint import Checkpointer, resolve_resume
-    from wanjax.data import records
-    from wanjax.losses import flow_matching as fmlib
     from wanjax.metrics import MetricsWriter
     from wanjax.models.transformer import param_shapes
-    from wanjax.sharding import fsdp_shardings, make_mesh, param_shardings, replicated
+    from wanjax.sharding import fsdp_shardings, make_mesh, param_shardings
     from wanjax.transformer_io import materialize
 
     # -- 1. resolve -------------------------------------------------------------------------------------
@@ -210,37 +232,22 @@ def run(config) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(config, output_dir)
 
-    # -- 2. mesh + frozen base ----------------------------------------------------------------------------
+    # -- 2. the frozen base, read straight into its shardings ---------------------------------------------
     model = r.reader.config.replace(attention=config.model.attention, remat_policy=config.model.remat_policy)
     base = materialize(r.reader, dtype=r.base_dtype, shardings=param_shardings(param_shapes(model), mesh))
-    empty = records.read_text_embeds(Path(config.cache_dir) / "empty_prompt.safetensors")["empty"]
-    empty = np.zeros((r.manifest.text_len, model.text_dim), np.float32) + np.pad(
-        np.asarray(empty, np.float32), ((0, r.manifest.text_len - empty.shape[0]), (0, 0)))
-    frozen = fmlib.Frozen(params=base, empty_prompt_embeds=jax.device_put(jnp.asarray(empty), replicated(mesh)))
+    ctx = methods.Context(config=config, model=model, base=base,
+                          text_embeds=_cached_text_embeds(config.cache_dir, r.manifest.text_len, mesh),
+                          lora_targets=r.lora_targets, lora_alpha=r.lora_alpha, init_lora=r.init_lora, optim=r.optim,
+                          fm=r.fm)
+    method = methods.build(r.method, ctx)
 
-    # -- 3. trainable state ---------------------------------------------------------------------------------
-    spec = fmlib.LoraSpec(rank=int(config.lora_rank), alpha=r.lora_alpha, targets=r.lora_targets)
-    if r.init_lora is not None:
-        spec = fmlib.LoraSpec(rank=r.init_lora.rank, alpha=r.init_lora.alpha, targets=r.init_lora.targets)
-    optimizer = optim.make_optimizer(r.optim)
-    schedule = optim.make_schedule(r.optim)
+    # -- 3. trainable state, sharded ------------------------------------------------------------------------
     rng = jax.random.key(config.seed)
-
-    def init_state(key):
-        if r.init_lora is not None:
-            lora_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), r.init_lora.params)
-        else:
-            lora_params = lora_lib.init_lora(model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
-        ema = optim.ema_init(lora_params) if config.use_ema else None
-        return fmlib.TrainState(step=jnp.zeros((), jnp.int32), lora=lora_params, opt_state=optimizer.init(lora_params),
-                                ema=ema, rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-    abstract = jax.eval_shape(init_state, rng)
+    abstract = jax.eval_shape(method.init_state, rng)
     state_shardings = fsdp_shardings(abstract, mesh)
-    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+    state = jax.jit(method.init_state, out_shardings=state_shardings)(rng)
 
     # -- 4. data, checkpoints, resume ------------------------------------------------------------------------
-    accum = int(config.gradient_accumulation_steps)  # one global batch of accum x train_batch_size per step
     iterator = r.iterator
     ckpt = Checkpointer(output_dir, max_to_keep=config.checkpoints_total_limit)
     start = 0
@@ -252,47 +259,39 @@ def run(config) -> dict:
         logger.info("resumed from %s/%d", ckpt_dir, step)
 
     # -- 5. the loop ------------------------------------------------------------------------------------
-    ema_update = None
-    if config.use_ema:
-        ema_update = functools.partial(optim.ema_update, decay=config.ema_decay, update_interval=config.ema_update_interval)
-    loss_fn = functools.partial(fmlib.flow_matching_loss, model=model, lora=spec, fm=r.fm)
-    step_fn = jax.jit(
-        functools.partial(fmlib.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
-                          ema_update=ema_update, accum=accum),
-        in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None), donate_argnums=(0,),
-    )
+    step_fn = jax.jit(method.step, in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
+                      donate_argnums=(0,))
     total = int(config.max_train_steps)
     writer = MetricsWriter(output_dir, report_to=config.report_to, project=config.tracker_project_name,
                            run_name=config.tracker_run_name, config=config.to_dict(), total_steps=total,
                            initial_step=start, resume=resume is not None)
-    meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)},
-            "model": model.to_diffusers(), "seed": int(config.seed)}
+    meta = {**method.meta, "method": method.name, "model": model.to_diffusers(), "seed": int(config.seed)}
+    fmt = config.lora_export_format
     losses = []
     t0 = time.perf_counter()
     step = start
     try:
         while step < total:
             batch = _global_batch(next(iterator), mesh)
-            state, metrics = step_fn(state, frozen, batch)
+            state, metrics = step_fn(state, method.frozen, batch)
             step += 1
             if step % config.log_every == 0 or step == total:
                 metrics = jax.device_get(metrics)
-                losses.append(float(metrics["loss"]))
+                losses.append(float(metrics[method.loss_key]))
                 writer.log(step, metrics)
             writer.advance()
             if config.checkpoint_step_interval and step % config.checkpoint_step_interval == 0 and step < total:
                 ckpt.save(step, state, iterator, meta)
-                _export_lora(lora_lib, spec, state.lora, output_dir, config.lora_export_format)
+                _export(method, state, output_dir, fmt, final=False)
         # -- 6. final checkpoint + export -------------------------------------------------------------------
         if ckpt.latest_step() != step:  # a rerun of a finished run resumes at the end: nothing new to save
             ckpt.save(step, state, iterator, meta)
         ckpt.wait()
-        final = state.ema if (state.ema is not None) else state.lora
-        path = _export_lora(lora_lib, spec, final, output_dir, config.lora_export_format)
+        paths = _export(method, state, output_dir, fmt, final=True)
     finally:
         writer.close()
         ckpt.close()
-    return {"steps": step, "start_step": start, "losses": losses, "lora": str(path),
+    return {"steps": step, "start_step": start, "losses": losses, "lora": paths[0], "exports": paths,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 

@@ -1,0 +1,47 @@
+"""Training methods the trainer runs: each builds its state, its pure step and what it exports.
+
+`wanjax/train.py` does the orchestration every method shares (config checks, mesh, the frozen base, data,
+checkpoints, the loop, metrics); a method module turns the resolved context into a `Method`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the trainer resolved before building a method: typed, checked, nothing computed yet."""
+
+    config: Any  # the ml_collections config (read by method builders only, never by steps)
+    model: Any  # WanConfig of the frozen base
+    base: dict  # the frozen base params, sharded
+    text_embeds: dict[str, jax.Array]  # cached embeddings: "empty" (L, D), optionally "negative"
+    lora_targets: tuple[str, ...]
+    lora_alpha: float
+    init_lora: Any  # LoraWeights to start from, or None
+    optim: Any  # OptimConfig of the main (student / LoRA) optimizer
+    fm: Any  # FlowMatchingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    init_state: Callable[[jax.Array], Any]  # rng key -> state pytree with an int32 `.step`
+    step: Callable[[Any, Any, dict], tuple[Any, dict]]  # (state, frozen, batch) -> (state, metrics); pure
+    frozen: Any  # non-trainable step input (base params, embeddings); not donated, not checkpointed
+    exports: Callable[[Any, bool], dict[str, Any]]  # (state, final) -> {file stem: LoraWeights}
+    meta: dict  # JSON recorded with every checkpoint (adapter shapes for export_lora.py)
+    needs_latents: bool = True  # False: batches of prompt embeddings alone suffice (DMD)
+    loss_key: str = "loss"  # the metric summarised as the run's losses
+
+
+def build(name: str, ctx: Context) -> Method:
+    if name == "lora":
+        from wanjax.methods.flow_matching import build as build_fm
+
+        return build_fm(ctx)
+    raise ValueError(f"distillation_method / method {name!r}: expected one of ['lora']")

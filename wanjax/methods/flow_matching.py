@@ -1,0 +1,48 @@
+"""LoRA fine-tuning with flow matching (SimpleTuner's Wan LoRA job) as a trainer method."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from wanjax import lora as lora_lib
+from wanjax import optim
+from wanjax.losses import flow_matching as fmlib
+from wanjax.methods import Context, Method
+
+
+def build(ctx: Context) -> Method:
+    c = ctx.config
+    if ctx.init_lora is not None:
+        spec = fmlib.LoraSpec(rank=ctx.init_lora.rank, alpha=ctx.init_lora.alpha, targets=ctx.init_lora.targets)
+    else:
+        spec = fmlib.LoraSpec(rank=int(c.lora_rank), alpha=ctx.lora_alpha, targets=ctx.lora_targets)
+    optimizer = optim.make_optimizer(ctx.optim)
+    schedule = optim.make_schedule(ctx.optim)
+
+    def init_state(key):
+        if ctx.init_lora is not None:
+            params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), ctx.init_lora.params)
+        else:
+            params = lora_lib.init_lora(ctx.model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
+        return fmlib.TrainState(step=jnp.zeros((), jnp.int32), lora=params, opt_state=optimizer.init(params),
+                                ema=optim.ema_init(params) if c.use_ema else None,
+                                rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    ema_update = None
+    if c.use_ema:
+        ema_update = functools.partial(optim.ema_update, decay=c.ema_decay, update_interval=c.ema_update_interval)
+    loss_fn = functools.partial(fmlib.flow_matching_loss, model=ctx.model, lora=spec, fm=ctx.fm)
+    step = functools.partial(fmlib.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+                             ema_update=ema_update, accum=int(c.gradient_accumulation_steps))
+
+    def exports(state, final: bool):
+        # checkpoints export the trained adapter; the final export prefers the EMA weights when kept
+        params = state.ema if (final and state.ema is not None) else state.lora
+        return {"pytorch_lora_weights": spec.wrap(params)}
+
+    frozen = fmlib.Frozen(params=ctx.base, empty_prompt_embeds=ctx.text_embeds["empty"])
+    meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)}}
+    return Method("lora", init_state, step, frozen, exports, meta)
