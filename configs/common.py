@@ -71,6 +71,35 @@ def base_config() -> ConfigDict:
     c.ema_decay = 0.995
     c.ema_update_interval = 1
 
+    # -- distillation (SimpleTuner's `distillation_method` + `distillation_config`) -----------------------
+    c.distillation_method = placeholder(str)  # None: LoRA flow matching; "dmd" | "dcm"
+    c.distillation_config = ConfigDict(dict(
+        # DMD (spec/distillation.md); defaults are the seed dmd-config.json's
+        dmd_denoising_steps="1000,757,522",
+        generator_update_interval=1,
+        real_score_guidance_scale=3.0,  # teacher CFG v_u + g (v_c - v_u) (FastVideo's legacy w = g - 1)
+        fake_score_guidance_scale=0.0,
+        fake_score_lr=1e-5,
+        fake_score_weight_decay=0.01,
+        fake_score_betas=(0.9, 0.999),
+        fake_score_eps=1e-8,
+        fake_score_grad_clip=1.0,
+        min_timestep_ratio=0.02,
+        max_timestep_ratio=0.98,
+        timestep_shift=1.0,
+        min_score_timestep=0.0,
+        ts_schedule=True,
+        ts_schedule_max=False,
+        last_step_only=False,
+        num_training_frames=21,
+        flow_matching_weight=0.0,  # generator flow-matching loss on real latents (SimpleTuner always adds it)
+        # Self-Forcing (block-causal) options: no effect on a bidirectional Wan student; reported by name
+        num_frame_per_block=3,
+        independent_first_frame=False,
+        same_step_across_blocks=False,
+        context_noise=0.0,
+    ))
+
     # -- sharding --------------------------------------------------------------------------------------
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))
 

@@ -51,7 +51,8 @@ def main(argv=None):
         ema = state.get("ema")
         if args.weights == "ema" and not ema:
             raise ValueError(f"{ckpt}: --weights ema, but this run kept no EMA")
-        params = ema if (args.weights == "ema" or (args.weights == "auto" and ema)) else state["lora"]
+        trained = state[meta.get("state_key", "lora")]  # "gen" for a DMD / DCM student
+        params = ema if (args.weights == "ema" or (args.weights == "auto" and ema)) else trained
         lora = lora_lib.LoraWeights(params=params, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                                     targets=tuple(meta["targets"]))
         lora_lib.save_lora(lora, args.dst, format=args.format)

@@ -25,8 +25,10 @@ class MetricsWriter:
     """Writes one JSON object per logged step; mirrors to wandb (offline without credentials)."""
 
     def __init__(self, output_dir: str | os.PathLike, *, report_to: str, project: str, run_name: str,
-                 config: dict[str, Any], total_steps: int, initial_step: int = 0, resume: bool = False):
+                 config: dict[str, Any], total_steps: int, initial_step: int = 0, resume: bool = False,
+                 loss_key: str = "loss"):
         self.enabled = jax.process_index() == 0
+        self.loss_key = loss_key
         self.wandb = None
         self.bar = None
         if not self.enabled:
@@ -67,7 +69,9 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", lr=f"{row.get('lr', 0):.3g}")
+            loss = row.get(self.loss_key)
+            self.bar.set_postfix({self.loss_key: f"{loss:.4g}" if isinstance(loss, float) else loss,
+                                  "lr": f"{row.get('lr', 0):.3g}"})
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

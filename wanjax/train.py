@@ -153,8 +153,20 @@ def resolve(config) -> Resolved:
         )
     except ValueError as e:
         raise ConfigError(f"cache_dir={config.cache_dir!r}: {e}") from None
+    method = config.distillation_method or "lora"
+    if method not in ("lora", "dmd", "dcm"):
+        raise ConfigError(f"distillation_method={method!r}: expected None (LoRA flow matching), 'dmd' or 'dcm'")
+    if method == "dmd":
+        from wanjax.methods.dmd import dmd_config
+
+        try:
+            dmd_config(config)
+        except ValueError as e:
+            raise ConfigError(f"distillation_config: {e}") from None
+        if config.gradient_accumulation_steps != 1:
+            raise ConfigError("DMD updates generator and critic once per optimizer step: set gradient_accumulation_steps=1")
     return Resolved(path, sub, DTYPES[config.mixed_precision], reader, manifest, targets, alpha, init, optim_cfg, fm,
-                    iterator)
+                    iterator, method)
 
 
 # =========================================================================================================
@@ -239,7 +251,10 @@ def run(config) -> dict:
                           text_embeds=_cached_text_embeds(config.cache_dir, r.manifest.text_len, mesh),
                           lora_targets=r.lora_targets, lora_alpha=r.lora_alpha, init_lora=r.init_lora, optim=r.optim,
                           fm=r.fm)
-    method = methods.build(r.method, ctx)
+    try:
+        method = methods.build(r.method, ctx)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     # -- 3. trainable state, sharded ------------------------------------------------------------------------
     rng = jax.random.key(config.seed)
@@ -264,7 +279,7 @@ def run(config) -> dict:
     total = int(config.max_train_steps)
     writer = MetricsWriter(output_dir, report_to=config.report_to, project=config.tracker_project_name,
                            run_name=config.tracker_run_name, config=config.to_dict(), total_steps=total,
-                           initial_step=start, resume=resume is not None)
+                           initial_step=start, resume=resume is not None, loss_key=method.loss_key)
     meta = {**method.meta, "method": method.name, "model": model.to_diffusers(), "seed": int(config.seed)}
     fmt = config.lora_export_format
     losses = []

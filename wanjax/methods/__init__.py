@@ -44,4 +44,8 @@ def build(name: str, ctx: Context) -> Method:
         from wanjax.methods.flow_matching import build as build_fm
 
         return build_fm(ctx)
-    raise ValueError(f"distillation_method / method {name!r}: expected one of ['lora']")
+    if name == "dmd":
+        from wanjax.methods.dmd import build as build_dmd
+
+        return build_dmd(ctx)
+    raise ValueError(f"distillation_method={name!r}: expected None (LoRA flow matching), 'dmd' or 'dcm'")

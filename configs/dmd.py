@@ -1,0 +1,71 @@
+"""DMD distillation of Wan into a 3-step student: SimpleTuner's DMD quickstart (seed dmd-config.json) in wanjax.
+
+    python -m wanjax.train --config configs/dmd.py          # Wan2.1-T2V-1.3B, the seed's settings
+    python -m wanjax.train --config configs/dmd.py:tiny     # tiny random pipeline + sample cache, CPU
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import DEFAULT_MODEL, base_config  # noqa: E402
+
+VARIANTS = ("", "tiny")
+
+
+def get_config(arg=None):
+    arg = arg or ""
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/dmd.py:{arg}: unknown variant; expected one of {VARIANTS}")
+    c = base_config()
+    c.distillation_method = "dmd"
+    # -- the seed config's settings (distillation_config defaults in common.py are the seed's) -------------
+    c.pretrained_model_name_or_path = DEFAULT_MODEL
+    c.output_dir = "output/wan-dmd"
+    c.cache_dir = "cache/wan-dmd"
+    c.seed = 1000
+    c.max_train_steps = 4000
+    c.checkpoint_step_interval = 200
+    c.checkpoints_total_limit = 3
+    c.resume_from_checkpoint = "latest"
+    c.train_batch_size = 1
+    c.gradient_accumulation_steps = 1
+    c.caption_dropout_probability = 0.1
+    c.mixed_precision = "bf16"
+    c.optimizer = "adamw_bf16"
+    c.learning_rate = 2e-5
+    c.lr_scheduler = "cosine_with_min_lr"
+    c.lr_warmup_steps = 100
+    c.max_grad_norm = 1.0
+    c.grad_clip_method = "value"
+    c.use_ema = True
+    c.ema_update_interval = 5
+    c.lora_rank = 128
+    c.lora_alpha = 128.0
+    c.flow_schedule_shift = 5.0
+    c.report_to = "wandb"
+    c.tracker_project_name = "dmd-training"
+    c.tracker_run_name = "wan-DMD-3step"
+    c.model.remat_policy = "full"
+
+    if arg == "tiny":
+        c.tiny_assets_dir = "cache/tiny-wan"
+        c.pretrained_model_name_or_path = "cache/tiny-wan/pipeline"
+        c.cache_dir = "cache/tiny-wan/latents"
+        c.output_dir = "output/tiny-dmd"
+        c.max_train_steps = 6
+        c.checkpoint_step_interval = 3
+        c.train_batch_size = 8
+        c.optimizer = "adamw"
+        c.learning_rate = 1e-3
+        c.lr_scheduler = "constant"
+        c.lr_warmup_steps = 0
+        c.lora_rank = 4
+        c.lora_alpha = 4.0
+        c.mixed_precision = "fp32"
+        c.model.remat_policy = "none"
+        c.report_to = "none"
+        c.tracker_run_name = "tiny-dmd"
+        c.distillation_config.fake_score_lr = 1e-3
+        c.distillation_config.generator_update_interval = 2
+    return c

@@ -1,0 +1,138 @@
+"""DMD formulas against direct numpy evaluations, guards against SimpleTuner's DMD defects, and the tiny run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from wanjax.losses import dmd
+from wanjax.schedules import shift_sigma
+
+
+def test_student_sigmas_are_shifted_t_over_1000_not_inverted():
+    cfg = dmd.DMDConfig(denoising_steps=(1000, 757, 522), shift=5.0)
+    got = dmd.student_sigmas(cfg)
+    t = np.array([1000, 757, 522]) / 1000
+    np.testing.assert_allclose(got, 5 * t / (1 + 4 * t), rtol=1e-6)
+    inverted = shift_sigma(1 - t, 5.0)  # SimpleTuner's defect: s(1 - t/1000)
+    assert np.abs(got - inverted).max() > 0.5
+    assert got[0] == 1.0 and np.all(np.diff(got) < 0)
+
+
+def test_x0_is_xt_minus_sigma_v_not_divided():
+    rng = np.random.default_rng(0)
+    xt, v = rng.standard_normal((2, 3, 2, 2, 2)), rng.standard_normal((2, 3, 2, 2, 2))
+    sigma = np.array([0.3, 0.8])
+    got = np.asarray(dmd.x0_from_velocity(jnp.asarray(xt), jnp.asarray(sigma), jnp.asarray(v)))
+    np.testing.assert_allclose(got, xt - sigma[:, None, None, None, None] * v, rtol=1e-6)
+    wrong = (xt - sigma[:, None, None, None, None] * v) / (1 - sigma[:, None, None, None, None])
+    assert np.abs(got - wrong).max() > 0.1
+
+
+def test_normalised_dmd_gradient_and_loss_gradient():
+    rng = np.random.default_rng(1)
+    x_gen, fake, real = (rng.standard_normal((2, 3, 2, 4, 4)).astype(np.float32) for _ in range(3))
+    got = np.asarray(dmd.dmd_gradient(jnp.asarray(x_gen), jnp.asarray(fake), jnp.asarray(real)))
+    norm = np.abs(x_gen - real).reshape(2, -1).mean(1)[:, None, None, None, None]
+    np.testing.assert_allclose(got, (fake - real) / norm, rtol=1e-5)
+    # the surrogate's gradient w.r.t. x_gen is exactly grad / numel
+    g = jax.grad(lambda x: dmd.generator_loss(x, jnp.asarray(got)))(jnp.asarray(x_gen))
+    np.testing.assert_allclose(np.asarray(g), got / x_gen.size, rtol=1e-5)
+    nan_safe = dmd.dmd_gradient(jnp.zeros((1, 2)), jnp.ones((1, 2)), jnp.zeros((1, 2)))
+    assert np.all(np.isfinite(np.asarray(nan_safe)))
+
+
+def _fake_denoise(adapter, x, sigma, ctx):
+    """A toy velocity whose value tells which adapter and which context were used (teacher: adapter None)."""
+    a = 0.0 if adapter is None else adapter["w"]
+    return 0.5 * x + a + ctx.mean(axis=(1, 2))[:, None, None, None, None]
+
+
+def test_generator_loss_uses_teacher_without_adapter_and_cfg_with_uncond():
+    cfg = dmd.DMDConfig(real_score_guidance_scale=3.0, fake_score_guidance_scale=0.0)
+    rng = np.random.default_rng(2)
+    x_k = jnp.asarray(rng.standard_normal((2, 2, 1, 2, 2)), jnp.float32)
+    cond = jnp.full((2, 3, 4), 2.0)
+    uncond = jnp.full((2, 3, 4), -1.0)
+    gen, critic = {"w": jnp.asarray(0.3)}, {"w": jnp.asarray(-0.2)}
+    sigmas = jnp.asarray(dmd.student_sigmas(cfg))
+    key = jax.random.key(0)
+    loss, aux = dmd.dmd_generator_loss(gen, _fake_denoise, lambda p: p, critic, x_k, sigmas[1], cond, uncond, key,
+                                       cfg, sigmas, jnp.asarray(1))
+    # the same computation written out
+    s_k = float(sigmas[1])
+    x_gen = np.asarray(x_k) - s_k * (0.5 * np.asarray(x_k) + 0.3 + 2.0)
+    k_sigma, k_noise = jax.random.split(key)
+    sigma = np.asarray(dmd.score_sigma(k_sigma, 2, cfg, sigmas, jnp.asarray(1)))[:, None, None, None, None]
+    x_t = (1 - sigma) * x_gen + sigma * np.asarray(jax.random.normal(k_noise, x_gen.shape))
+    v_fake = 0.5 * x_t - 0.2 + 2.0
+    v_real = (0.5 * x_t - 1.0) + 3.0 * ((0.5 * x_t + 2.0) - (0.5 * x_t - 1.0))  # teacher (no adapter), CFG 3
+    grad = ((x_t - sigma * v_fake) - (x_t - sigma * v_real)) / np.abs(x_gen - (x_t - sigma * v_real)).reshape(
+        2, -1).mean(1)[:, None, None, None, None]
+    np.testing.assert_allclose(float(loss), 0.5 * np.mean(grad ** 2), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(aux["x_gen"]), x_gen, rtol=1e-5)
+
+
+def test_score_window_bounds():
+    cfg = dmd.DMDConfig(ts_schedule=True, ts_schedule_max=True, min_timestep_ratio=0.0, max_timestep_ratio=1.0)
+    sigmas = jnp.asarray(dmd.student_sigmas(cfg))
+    for k in range(3):
+        s = np.asarray(dmd.score_sigma(jax.random.key(k), 4096, cfg, sigmas, jnp.asarray(k)))
+        lo = float(sigmas[k + 1]) if k + 1 < 3 else 0.0
+        assert s.min() >= lo - 1e-6 and s.max() <= float(sigmas[k]) + 1e-6
+    clamp = dmd.DMDConfig(min_score_timestep=400.0)
+    s = np.asarray(dmd.score_sigma(jax.random.key(9), 4096, clamp, sigmas, jnp.asarray(0)))
+    assert s.min() >= 0.4 - 1e-6
+    shifted = dmd.DMDConfig(timestep_shift=5.0)
+    a = np.asarray(dmd.score_sigma(jax.random.key(3), 4096, dmd.DMDConfig(), sigmas, jnp.asarray(0)))
+    b = np.asarray(dmd.score_sigma(jax.random.key(3), 4096, shifted, sigmas, jnp.asarray(0)))
+    np.testing.assert_allclose(b, shift_sigma(a, 5.0), rtol=1e-5)  # timestep_shift is used
+
+
+def test_rollout_and_student_sampler_match_their_formula():
+    cfg = dmd.DMDConfig()
+    sigmas = jnp.asarray(dmd.student_sigmas(cfg))
+    noise = jnp.asarray(np.random.default_rng(3).standard_normal((1, 2, 1, 2, 2)), jnp.float32)
+    ctx = jnp.ones((1, 3, 4))
+    adapter = {"w": jnp.asarray(0.1)}
+    key = jax.random.key(5)
+    x = np.asarray(noise)
+    for i in range(2):  # rollout to exit k = 2
+        s = float(sigmas[i])
+        x0 = x - s * (0.5 * x + 0.1 + 1.0)
+        x = (1 - float(sigmas[i + 1])) * x0 + float(sigmas[i + 1]) * np.asarray(
+            jax.random.normal(jax.random.fold_in(key, i), x.shape))
+    got = dmd.rollout(_fake_denoise, adapter, noise, ctx, sigmas, jnp.asarray(2), key)
+    np.testing.assert_allclose(np.asarray(got), x, rtol=1e-5)
+    final = dmd.student_sample(_fake_denoise, adapter, noise, ctx, sigmas, key)
+    np.testing.assert_allclose(np.asarray(final), x - float(sigmas[2]) * (0.5 * x + 1.1), rtol=1e-5)
+
+
+def test_generator_updates_counted_in_optimizer_steps():
+    """generator_update_interval=2: the generator moves on optimizer steps 0, 2, 4; the critic on every step."""
+    cfg = dmd.DMDConfig(generator_update_interval=2)
+    gen_opt, crit_opt = optax.sgd(0.1), optax.sgd(0.1)
+
+    def forward(base, adapter, x, t, ctx):
+        return _fake_denoise(adapter, x, t / 1000.0, ctx) * base["scale"]
+
+    gen, critic = {"w": jnp.asarray(0.3)}, {"w": jnp.asarray(0.0)}
+    state = dmd.DMDState(step=jnp.asarray(0, jnp.int32), gen=gen, gen_opt=gen_opt.init(gen), critic=critic,
+                         critic_opt=crit_opt.init(critic), ema=None, rng=jax.random.key_data(jax.random.key(0)))
+    frozen = dmd.DMDFrozen(params={"scale": jnp.asarray(1.0)}, uncond=jnp.zeros((3, 4)))
+    batch = {"latents": jnp.zeros((2, 2, 1, 2, 2)), "prompt_embeds": jnp.ones((2, 3, 4))}
+    step = jax.jit(lambda s, f, b: dmd.dmd_step(s, f, b, forward=forward, gen_adapter=lambda p: p,
+                                                critic_adapter=lambda p: p, cfg=cfg, gen_optimizer=gen_opt,
+                                                critic_optimizer=crit_opt, schedule=lambda n: 0.1))
+    updated, gens, crits = [], [float(gen["w"])], [float(critic["w"])]
+    for _ in range(5):
+        state, m = step(state, frozen, batch)
+        updated.append(float(m["generator_updated"]))
+        gens.append(float(state.gen["w"]))
+        crits.append(float(state.critic["w"]))
+    assert updated == [1, 0, 1, 0, 1]
+    assert [a != b for a, b in zip(gens, gens[1:])] == [True, False, True, False, True]
+    assert all(a != b for a, b in zip(crits, crits[1:]))
