@@ -34,6 +34,18 @@ def base_config() -> ConfigDict:
     c.train_batch_size = 1  # per optimizer step, per process... see README: global = this x processes
     c.caption_dropout_probability = 0.1
     c.data_workers = 0
+    # caching (python -m wanjax.cache; the trainer runs it when the cache is missing and data_backend_config is set)
+    c.cache_shard_size = 32
+    c.vae_batch_size = 1  # clips per device per VAE call (1: results independent of the device count)
+    c.text_encoder_batch_size = 1
+    c.cache_dtype = "bf16"  # bf16 | fp16 | fp32 latents / embeddings on disk
+    c.cache_decode_threads = 4
+    c.resolution = placeholder(int)  # defaults for datasets that do not set their own (SimpleTuner's)
+    c.resolution_type = placeholder(str)
+    c.minimum_image_size = placeholder(int)
+    c.validation_prompt = placeholder(str)
+    c.validation_negative_prompt = placeholder(str)  # also the unconditional prompt of distillation CFG
+    c.validation_prompt_library = placeholder(str)  # JSON file {nickname: prompt}
 
     # -- flow matching ---------------------------------------------------------------------------------
     c.flow_schedule_shift = 3.0

@@ -34,6 +34,8 @@ SAME = {k: k for k in (
     "lora_rank", "lora_alpha", "init_lora", "flow_schedule_shift", "flow_schedule_auto_shift",
     "flow_use_uniform_schedule", "flow_use_beta_schedule", "flow_beta_schedule_alpha", "flow_beta_schedule_beta",
     "flow_sigmoid_scale", "prodigy_steps", "data_backend_config", "resume_from_checkpoint", "mixed_precision",
+    "vae_batch_size", "resolution", "resolution_type", "minimum_image_size", "validation_prompt",
+    "validation_negative_prompt",
 )}
 SAME["lora_target_modules"] = "lora_target_modules"
 
@@ -50,10 +52,6 @@ NO_EFFECT = {
     "compress_disk_cache": "the cache is ArrayRecord shards; no separate compression switch",
     "disable_bucket_pruning": "buckets are exact latent shapes; batches smaller than train_batch_size are dropped",
     "aspect_bucket_rounding": "buckets are exact latent shapes from the caching step",
-    "minimum_image_size": "a dataset setting: set it per dataset in multidatabackend.json (used by caching)",
-    "resolution": "a dataset setting: set it per dataset in multidatabackend.json (used by caching)",
-    "resolution_type": "a dataset setting: set it per dataset in multidatabackend.json (used by caching)",
-    "vae_batch_size": "VAE encoding happens in the caching job, not in training",
     "ignore_final_epochs": "training stops at max_train_steps; there is no epoch-tail handling",
     "pretrained_t5_model_name_or_path": "text embeddings come from the cache (encoded from the pipeline's text encoder)",
     "lycoris_config": "LyCORIS adapters are not supported; only standard LoRA (lora_type=standard)",
@@ -67,9 +65,8 @@ NO_EFFECT = {
     "distillation_method": "DMD / DCM distillation is not implemented yet; this config would train a plain LoRA",
     "distillation_config": "DMD / DCM distillation is not implemented yet; this config would train a plain LoRA",
 }
-for _k in ("validation_seed", "validation_step_interval", "validation_resolution", "validation_prompt",
-           "validation_negative_prompt", "validation_guidance", "validation_num_inference_steps",
-           "validation_num_video_frames", "validation_prompt_library"):
+for _k in ("validation_seed", "validation_step_interval", "validation_resolution", "validation_guidance",
+           "validation_num_inference_steps", "validation_num_video_frames"):
     NO_EFFECT[_k] = "validation during training is not implemented yet"
 
 
@@ -85,6 +82,9 @@ def convert(data: dict) -> tuple[dict, dict]:
         elif key == "lora_type":
             if str(value).lower() != "standard":
                 raise ValueError(f"lora_type={value!r}: only 'standard' LoRA is supported")
+        elif key == "validation_prompt_library":
+            if value not in (False, None, "", "false"):
+                out["validation_prompt_library"] = value
         elif key == "num_train_epochs":
             if int(value) != 0:
                 unhonored[key] = f"{value}: training length is max_train_steps; epochs are not counted"

@@ -2,9 +2,12 @@
 `write_synthetic_cache`, a tiny random cache in the real format for `:tiny` configs and tests.
 
 A cache directory holds
-  records-00000-of-0000N.array_record  ArrayRecord shards, `group_size:1` (cheap random access), uncompressed
-                                       (latents do not compress). Written as `records-00000.array_record.partial`
-                                       and renamed only when the whole cache is closed.
+  *.array_record                       ArrayRecord shards, `group_size:1` (cheap random access), uncompressed
+                                       (latents do not compress), listed by name in the manifest. `CacheWriter`
+                                       names them records-00000-of-0000N (renamed from `.partial` when the whole
+                                       cache is closed); the caching job's per-process `ShardWriter`s name them
+                                       records-p000-00000 ... (each renamed from `.partial` once complete) and
+                                       `write_manifest` joins them.
   index.safetensors                    per-record int32 `bucket` and `dataset` ids (names in its metadata), so the
                                        trainer groups records by shape without reading them.
   manifest.json                        written LAST (temp + rename): a directory without it is an incomplete cache.
@@ -249,6 +252,7 @@ class CacheWriter:
         self.latent_channels, self.text_dim, self.text_len = latent_channels, text_dim, text_len
         self.shard_size = shard_size
         self._keys: set[str] = set()
+        self._order: list[str] = []
         self._bucket_ids: dict[str, int] = {}
         self._dataset_ids: dict[str, int] = {}
         self._bucket: list[int] = []
@@ -282,6 +286,7 @@ class CacheWriter:
         if self._shard_items[-1] == self.shard_size:
             self._close_shard()
         self._keys.add(key)
+        self._order.append(key)
         self._bucket.append(self._bucket_ids.setdefault(bucket_key(lat.shape), len(self._bucket_ids)))
         self._dataset.append(self._dataset_ids.setdefault(example["dataset"], len(self._dataset_ids)))
         return len(self._bucket) - 1
@@ -304,26 +309,128 @@ class CacheWriter:
         names = [f"records-{i:05d}-of-{n:05d}.array_record" for i in range(n)]
         for i, name in enumerate(names):
             os.replace(self._partial(i), self.directory / name)
-        buckets = list(self._bucket_ids)
-        ds_names = list(self._dataset_ids)
-        arrays = {"bucket": np.asarray(self._bucket, np.int32), "dataset": np.asarray(self._dataset, np.int32)}
-        names_meta = {"buckets": json.dumps(buckets), "datasets": json.dumps(ds_names)}
-        write_safetensors(self.directory / INDEX, [(k, np.int32, a.shape) for k, a in arrays.items()],
-                          arrays.__getitem__, metadata=names_meta)
-        repeats = dict(datasets or {})
-        ds_items = dict(zip(ds_names, np.bincount(arrays["dataset"], minlength=len(ds_names)).tolist()))
-        b_items = dict(zip(buckets, np.bincount(arrays["bucket"], minlength=len(buckets)).tolist()))
-        manifest = {
-            "format": FORMAT, "version": VERSION,
-            "latent_channels": self.latent_channels, "text_dim": self.text_dim, "text_len": self.text_len,
-            "datasets": {k: {"repeats": int(repeats.get(k, 0)), "items": ds_items.get(k, 0)}
-                         for k in sorted(set(ds_names) | set(repeats))},
-            "buckets": {k: {"count": b_items[k]} for k in sorted(buckets)},
-            "shards": names, "shard_items": self._shard_items, "items": len(self._bucket),
-            "source": dict(source or {}),
-        }
-        _write_json_atomic(self.directory / MANIFEST, manifest)
-        return read_manifest(self.directory)
+        buckets, ds_names = list(self._bucket_ids), list(self._dataset_ids)
+        shards, start = [], 0
+        for name, count in zip(names, self._shard_items):
+            rows = range(start, start + count)
+            shards.append(ShardInfo(name, tuple(self._order[i] for i in rows),
+                                    tuple(buckets[self._bucket[i]] for i in rows),
+                                    tuple(ds_names[self._dataset[i]] for i in rows)))
+            start += count
+        return write_manifest(self.directory, shards, latent_channels=self.latent_channels, text_dim=self.text_dim,
+                              text_len=self.text_len, datasets=datasets, source=source)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One complete shard file and, per record in file order, its key, latent-shape bucket and dataset id."""
+
+    name: str
+    keys: tuple[str, ...]
+    buckets: tuple[str, ...]
+    datasets: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "keys": list(self.keys), "buckets": list(self.buckets),
+                "datasets": list(self.datasets)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ShardInfo":
+        info = cls(str(d["name"]), tuple(d["keys"]), tuple(d["buckets"]), tuple(d["datasets"]))
+        if not len(info.keys) == len(info.buckets) == len(info.datasets):
+            raise ValueError(f"shard {info.name}: keys, buckets and datasets differ in length")
+        return info
+
+
+def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *, latent_channels: int, text_dim: int,
+                   text_len: int, datasets: Mapping[str, int] | None = None,
+                   source: Mapping[str, Any] | None = None) -> Manifest:
+    """Make `directory` a complete cache over `shards` (files already complete, in this global record order):
+    writes index.safetensors, then manifest.json last (atomically). Keys must be unique across shards.
+    `datasets`: id -> repeats, as for `CacheWriter.close`."""
+    directory = Path(directory)
+    seen: set[str] = set()
+    for s in shards:
+        dup = seen.intersection(s.keys)
+        if dup or len(set(s.keys)) != len(s.keys):
+            raise ValueError(f"{directory}: duplicate record keys across shards (e.g. {sorted(dup)[:3]} in {s.name}); "
+                             "was the cache written by two jobs at once?")
+        seen.update(s.keys)
+    bucket_ids: dict[str, int] = {}
+    dataset_ids: dict[str, int] = {}
+    bucket = [bucket_ids.setdefault(b, len(bucket_ids)) for s in shards for b in s.buckets]
+    dataset = [dataset_ids.setdefault(d, len(dataset_ids)) for s in shards for d in s.datasets]
+    buckets, ds_names = list(bucket_ids), list(dataset_ids)
+    arrays = {"bucket": np.asarray(bucket, np.int32), "dataset": np.asarray(dataset, np.int32)}
+    names_meta = {"buckets": json.dumps(buckets), "datasets": json.dumps(ds_names)}
+    write_safetensors(directory / INDEX, [(k, np.int32, a.shape) for k, a in arrays.items()],
+                      arrays.__getitem__, metadata=names_meta)
+    repeats = dict(datasets or {})
+    ds_items = dict(zip(ds_names, np.bincount(arrays["dataset"], minlength=len(ds_names)).tolist()))
+    b_items = dict(zip(buckets, np.bincount(arrays["bucket"], minlength=len(buckets)).tolist()))
+    manifest = {
+        "format": FORMAT, "version": VERSION,
+        "latent_channels": latent_channels, "text_dim": text_dim, "text_len": text_len,
+        "datasets": {k: {"repeats": int(repeats.get(k, 0)), "items": ds_items.get(k, 0)}
+                     for k in sorted(set(ds_names) | set(repeats))},
+        "buckets": {k: {"count": b_items[k]} for k in sorted(buckets)},
+        "shards": [s.name for s in shards], "shard_items": [len(s.keys) for s in shards], "items": len(bucket),
+        "source": dict(source or {}),
+    }
+    _write_json_atomic(directory / MANIFEST, manifest)
+    return read_manifest(directory)
+
+
+class ShardWriter:
+    """Append records to shards `{prefix}-{seq:05d}.array_record`, each written as `.partial` and renamed when
+    it holds `shard_size` records or on `flush()`; `on_close(ShardInfo)` runs after each rename. Shards are
+    independent of each other, so several writers (one per process) can fill one directory; `write_manifest`
+    then joins them. Records are checked like `CacheWriter.add`."""
+
+    def __init__(self, directory: str | os.PathLike, *, prefix: str, latent_channels: int, text_dim: int,
+                 text_len: int = 512, shard_size: int = 256, start_seq: int = 0, on_close=None):
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.shard_size, self.seq, self.on_close = prefix, shard_size, start_seq, on_close
+        self.latent_channels, self.text_dim, self.text_len = latent_channels, text_dim, text_len
+        self._writer: ArrayRecordWriter | None = None
+        self._rows: list[tuple[str, str, str]] = []
+
+    def name(self, seq: int) -> str:
+        return f"{self.prefix}-{seq:05d}.array_record"
+
+    def add(self, example: Mapping[str, Any]) -> None:
+        key = example.get("key")
+        lat, emb = np.asarray(example.get("latents")), np.asarray(example.get("prompt_embeds"))
+        if lat.ndim != 4 or lat.shape[0] != self.latent_channels:
+            raise ValueError(f"{key}: latents must be (C={self.latent_channels}, F, H, W), got {lat.shape}")
+        if emb.ndim != 2 or emb.shape[1] != self.text_dim or emb.shape[0] > self.text_len:
+            raise ValueError(f"{key}: prompt_embeds must be (T<={self.text_len}, D={self.text_dim}), got {emb.shape}")
+        raw = encode_record({**example, "latents": lat, "prompt_embeds": emb})
+        if self._writer is None:
+            self._writer = ArrayRecordWriter(str(self.directory / (self.name(self.seq) + ".partial")), _WRITER_OPTIONS)
+        self._writer.write(raw)
+        self._rows.append((key, bucket_key(lat.shape), example["dataset"]))
+        if len(self._rows) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> ShardInfo | None:
+        """Close the open shard (if it has records): rename it complete, call `on_close`, return its info."""
+        if self._writer is None:
+            return None
+        partial = self.directory / (self.name(self.seq) + ".partial")
+        if not self._writer.ok():
+            raise OSError(f"{partial}: ArrayRecord write failed")
+        self._writer.close()
+        self._writer = None
+        os.replace(partial, self.directory / self.name(self.seq))
+        info = ShardInfo(self.name(self.seq), *(tuple(col) for col in zip(*self._rows)))
+        self._rows, self.seq = [], self.seq + 1
+        if self.on_close is not None:
+            self.on_close(info)
+        return info
 
 
 # -- reading -----------------------------------------------------------------------------------------------

@@ -1,0 +1,486 @@
+"""The caching job: videos + captions -> the trainer's cache. Small generated videos, test-double encoders;
+bad files skipped and reported, 2 processes == 1, resume after a crash, SimpleTuner dataset lists parsed.
+
+TEST DOUBLES (not the Wan VAE / UMT5; the real encoders get their own end-to-end test):
+- `fake_vae`: (B, 3, F, H, W) -> (B, C, 1 + (F-1)//4, H/8, W/8): frame 0 alone then means of 4-frame groups (the causal
+  VAE's time layout), 8x8 mean pooling, a fixed random 3 -> C projection, tanh. Row-independent and deterministic.
+- `fake_text`: whitespace tokens + an EOS token, each token's row drawn from a generator seeded by its hash; zero
+  padded to TEXT_LEN, like UMT5's output; "" has one token (EOS) as in Wan.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import av
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from wanjax.cache import CacheConfigError, CacheError, Encoders, build_cache, main
+from wanjax.data import records, sources, video
+from wanjax.data.pipeline import make_batch_iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = Path(__file__).parent / "fixtures" / "simpletuner"
+C, D, TEXT_LEN = 16, 32, 40
+_PROJ = np.random.default_rng(1234).standard_normal((3, C)).astype(np.float32)
+
+
+# -- test doubles ---------------------------------------------------------------------------------------------
+@jax.jit
+def fake_vae(x):
+    b, c, f, h, w = x.shape
+    t = jnp.concatenate([x[:, :, :1], x[:, :, 1:].reshape(b, c, (f - 1) // 4, 4, h, w).mean(axis=3)], axis=2)
+    t = t.reshape(b, c, t.shape[2], h // 8, 8, w // 8, 8).mean(axis=(4, 6))
+    return jnp.tanh(jnp.einsum("bcfhw,cd->bdfhw", t, _PROJ))
+
+
+def fake_text(prompts):
+    emb = np.zeros((len(prompts), TEXT_LEN, D), np.float32)
+    lengths = []
+    for i, p in enumerate(prompts):
+        tokens = (p.split() + ["</s>"])[:TEXT_LEN]
+        for j, t in enumerate(tokens):
+            emb[i, j] = np.random.default_rng(zlib.crc32(t.encode())).standard_normal(D)
+        lengths.append(len(tokens))
+    return emb, np.asarray(lengths)
+
+
+def fake_encoders(vae=fake_vae, text=fake_text, video_batch_size=2, text_batch_size=3):
+    return Encoders(vae, text, latent_channels=C, text_dim=D, spatial_factor=8, text_len=TEXT_LEN,
+                    video_batch_size=video_batch_size, text_batch_size=text_batch_size, name="test-double")
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+def write_video(path, width, height, frames, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.zeros((height, width, 3), np.uint8)
+            img[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None]
+            img[..., 1] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+            img[..., 2] = (i * 15 + rng.integers(0, 60)) % 256
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def write_png(path):
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(path, format="PNG")
+
+
+# key -> (clip frames, clip H, clip W): resolution 40 px area at alignment 16 puts 48x32 -> 48x32, 32x48 -> 32x48,
+# 40x40 -> 48x48; frame counts trimmed to 4k+1 (11 -> 9)
+GOOD = {"clips/a.mp4": (17, 32, 48), "clips/b.mp4": (13, 48, 32), "clips/d.mp4": (9, 32, 48),
+        "clips/e.mp4": (17, 32, 48), "clips/sub/c.mp4": (9, 48, 48), "more/a_red_ball.mp4": (9, 48, 48)}
+BAD = {"clips/corrupt.mp4": "unreadable", "clips/short.mp4": "too_short", "clips/nocap.mp4": "missing_caption",
+       "clips/still.png": "not_a_video", "clips/fake.mp4": "not_a_video"}
+
+
+def make_dataset(root: Path) -> Path:
+    clips, more = root / "clips", root / "more"
+    for name, (w, h, n) in {"a": (48, 32, 17), "b": (32, 48, 13), "sub/c": (40, 40, 9), "d": (48, 32, 11),
+                            "e": (48, 32, 17), "short": (48, 32, 3), "nocap": (48, 32, 9)}.items():
+        write_video(clips / f"{name}.mp4", w, h, n, seed=zlib.crc32(name.encode()))
+        if name != "nocap":
+            (clips / f"{name}.txt").write_text(f"clip {name.replace('/', ' ')} moves\n")
+    (clips / "e.txt").write_text("first line\nsecond line\n")
+    (clips / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (clips / "corrupt.txt").write_text("broken")
+    write_png(clips / "still.png")
+    (clips / "still.txt").write_text("a still")
+    write_png(clips / "fake.mp4")
+    (clips / "fake.txt").write_text("an image named like a video")
+    write_video(more / "a_red_ball.mp4", 48, 48, 9, seed=7)
+    backends = [
+        {"id": "clips", "type": "local", "dataset_type": "video", "instance_data_dir": str(clips),
+         "caption_strategy": "textfile", "resolution": 40, "resolution_type": "pixel_area", "crop": False,
+         "minimum_image_size": 16, "repeats": 0, "cache_dir_vae": "cache/vae/clips", "metadata_backend": "discovery",
+         "video": {"min_frames": 5, "bucket_strategy": "aspect_ratio"}, "foo_bar": 1},
+        {"id": "more", "type": "local", "dataset_type": "video", "instance_data_dir": str(more),
+         "caption_strategy": "filename", "resolution": 40, "resolution_type": "pixel_area", "repeats": 2,
+         "video": {"num_frames": 9}},
+        {"id": "off", "type": "local", "dataset_type": "video", "instance_data_dir": "/nonexistent", "disabled": True},
+        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
+         "cache_dir": "cache/text/wan", "disabled": False, "write_batch_size": 128},
+    ]
+    (root / "multidatabackend.json").write_text(json.dumps(backends, indent=1))
+    return root / "multidatabackend.json"
+
+
+def make_config(backend, cache_dir, **extra):
+    return ConfigDict({"data_backend_config": str(backend), "cache_dir": str(cache_dir), "cache_shard_size": 4,
+                       "pretrained_model_name_or_path": "unused", **extra})
+
+
+def read_records(cache_dir):
+    src = records.CacheSource(cache_dir)
+    return {ex["key"]: ex for ex in (src[i] for i in range(len(src)))}
+
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype(f"u{a.dtype.itemsize}"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def one_process(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache1")
+    cfg = make_config(dataset, out, validation_prompt="a cat boxing", validation_negative_prompt="blurry")
+    return out, build_cache(cfg, encoders=fake_encoders())
+
+
+# -- the job ---------------------------------------------------------------------------------------------------
+def test_caches_good_items_with_right_shapes_and_values(one_process, dataset):
+    out, report = one_process
+    recs = read_records(out)
+    assert set(recs) == set(GOOD) and report.cached == len(GOOD) == report.manifest.items
+    specs = {d.id: d for d in sources.with_alignment(sources.read_datasets(dataset)[0], 16)}
+    for key, (f, h, w) in GOOD.items():
+        ex = recs[key]
+        assert ex["latents"].shape == (C, 1 + (f - 1) // 4, h // 8, w // 8), key
+        assert ex["latents"].dtype == ml_dtypes.bfloat16
+        ds, rel = key.split("/", 1)
+        clip = video.load_clip(Path(specs[ds].instance_data_dir) / rel, specs[ds].clip)
+        assert clip.shape == (f, h, w, 3)
+        want = np.asarray(fake_vae(video.to_model_input([clip])))[0].astype(ml_dtypes.bfloat16)
+        np.testing.assert_array_equal(bits(ex["latents"]), bits(want))  # the right row went to the right key
+        emb, n = fake_text([ex["caption"]])
+        assert ex["prompt_length"] == n[0] and ex["prompt_embeds"].shape == (TEXT_LEN, D)
+        np.testing.assert_array_equal(bits(ex["prompt_embeds"][: n[0]]), bits(emb[0, : n[0]].astype(ml_dtypes.bfloat16)))
+        assert not ex["prompt_embeds"][n[0]:].any()
+    assert recs["clips/e.mp4"]["caption"] == "first line"
+    assert recs["more/a_red_ball.mp4"]["caption"] == "a red ball"
+    assert {k: d.repeats for k, d in report.manifest.datasets.items()} == {"clips": 0, "more": 2}
+    assert report.manifest.text_len == TEXT_LEN and report.manifest.latent_channels == C
+
+
+def test_bad_inputs_reported_by_name(one_process):
+    out, report = one_process
+    assert {k: v["reason"] for k, v in report.skipped.items()} == BAD
+    saved = json.loads((out / "cache_report.json").read_text())
+    assert {s["key"]: s["reason"] for s in saved["skipped"]} == BAD
+    assert saved["skipped_by_reason"] == {"missing_caption": 1, "not_a_video": 2, "too_short": 1, "unreadable": 1}
+    assert all(s["detail"] and s["path"] for s in saved["skipped"])
+    assert "3 frames" in report.skipped["clips/short.mp4"]["detail"]
+    assert saved["datasets"]["clips"] == {"skipped": 5, "repeats": 0, "cached": 5}
+    assert report.summary().startswith("cached 6 of 11 items (5 skipped: 1 missing_caption, 2 not_a_video")
+    notes = {(n["dataset"], n["key"]) for n in saved["config_notes"]}
+    assert {("clips", "foo_bar"), ("clips", "cache_dir_vae"), ("clips", "video.bucket_strategy"),
+            ("off", "disabled"), ("text-embeds", "write_batch_size"), ("clips", "caption_strategy")} <= notes
+    assert "unknown key" in next(n["note"] for n in saved["config_notes"] if n["key"] == "foo_bar")
+    assert not list(out.rglob("*.partial"))
+
+
+def test_side_files_and_trainer_reads_cache(one_process):
+    out, _ = one_process
+    empty = records.read_text_embeds(out / records.EMPTY_PROMPT_FILE)["empty"]
+    np.testing.assert_array_equal(bits(empty), bits(fake_text([""])[0][0, :1].astype(ml_dtypes.bfloat16)))
+    val = records.read_text_embeds(out / records.VALIDATION_PROMPTS_FILE)
+    assert sorted(val) == ["validation_negative_prompt", "validation_prompt"]
+    assert val["validation_prompt"].shape == (4, D) and val["validation_negative_prompt"].shape == (2, D)
+    it = make_batch_iterator(out, global_batch_size=1, seed=0, num_epochs=1)
+    seen = [str(b["keys"][0]) for b in it]
+    assert sorted(seen) == sorted(list(GOOD) + ["more/a_red_ball.mp4"] * 2)  # repeats 2: seen 3 times
+    recs = read_records(out)
+    for b in make_batch_iterator(out, global_batch_size=1, seed=0, num_epochs=1):
+        k = str(b["keys"][0])
+        assert b["latents"].shape == (1, *recs[k]["latents"].shape) and b["prompt_lengths"][0] == recs[k]["prompt_length"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(one_process, dataset, tmp_path):
+    """Real 2-process run (jax.distributed on localhost, 1 CPU device each): same records, bit for bit."""
+    out1, _ = one_process
+    out2 = tmp_path / "cache2"
+    cfg = json.dumps(make_config(dataset, out2, validation_prompt="a cat boxing").to_dict())
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+    procs = [subprocess.Popen([sys.executable, __file__, cfg], env={**env, "JAX_PROCESS_ID": str(i)}, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    encoded = [json.loads(o[0].strip().splitlines()[-1])["encoded"] for o in outs]
+    assert sorted(encoded) == [3, 3]  # items 0,2,4,6,8 vs 1,3,5,7 of 9 candidates, bad ones skipped
+    m = records.read_manifest(out2)
+    assert {s.split("-")[1] for s in m.shards} == {"p000", "p001"}
+    a, b = read_records(out1), read_records(out2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["caption"] == b[k]["caption"] and a[k]["dataset"] == b[k]["dataset"]
+        for t in ("latents", "prompt_embeds"):
+            np.testing.assert_array_equal(bits(a[k][t]), bits(b[k][t]), err_msg=f"{k} {t}")
+    rep = json.loads((out2 / "cache_report.json").read_text())
+    assert {s["key"]: s["reason"] for s in rep["skipped"]} == BAD
+
+
+class CrashOnCall:
+    """Wraps the text double; raises on the n-th call (a job killed mid-chunk)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, prompts):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("simulated crash")
+        return fake_text(prompts)
+
+
+def test_resume_after_crash_skips_done_items(one_process, dataset, tmp_path):
+    out = tmp_path / "cache"
+    cfg = make_config(dataset, out, cache_shard_size=3)
+    # items: a b corrupt | d e fake | short c a_red_ball; one prompt per text call -> call 6 is a_red_ball,
+    # with c already written into the third (partial) shard
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(cfg, encoders=fake_encoders(text=CrashOnCall(6), text_batch_size=1))
+    assert not (out / records.MANIFEST).exists()
+    assert [p.name for p in out.glob("*.partial")] == ["records-p000-00002.array_record.partial"]
+    done = [json.loads(f.read_text()) for f in sorted((out / "progress").glob("records-p*.json"))]
+    assert [sorted(d["keys"]) for d in done] == [["clips/a.mp4", "clips/b.mp4"], ["clips/d.mp4", "clips/e.mp4"]]
+    assert [d["name"] for d in done] == ["records-p000-00000.array_record", "records-p000-00001.array_record"]
+    before = {p.name: p.read_bytes() for p in out.glob("*.array_record")}
+    # a shard renamed but killed before its done-list, and a done-list whose shard was deleted: both ignored
+    (out / "records-p000-00007.array_record").write_bytes(before["records-p000-00000.array_record"])
+    (out / "progress" / "records-p000-00009.json").write_text(json.dumps({**done[0], "name": "gone.array_record"}))
+
+    report = build_cache(cfg, encoders=fake_encoders(text_batch_size=1))
+    assert report.encoded_here == 2 and report.cached == len(GOOD)
+    assert all((out / n).read_bytes() == data for n, data in before.items())  # done shards untouched
+    assert not list(out.glob("*.partial")) and not (out / "records-p000-00007.array_record").exists()
+    assert not (out / "progress" / "records-p000-00009.json").exists()
+    assert report.manifest.shards == ("records-p000-00000.array_record", "records-p000-00001.array_record",
+                                      "records-p000-00002.array_record")
+    ref, got = read_records(one_process[0]), read_records(out)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        np.testing.assert_array_equal(bits(ref[k]["latents"]), bits(got[k]["latents"]))
+        np.testing.assert_array_equal(bits(ref[k]["prompt_embeds"]), bits(got[k]["prompt_embeds"]))
+    again = build_cache(cfg, encoders=fake_encoders(text=CrashOnCall(1)))  # nothing left to encode
+    assert again.encoded_here == 0 and again.manifest.items == len(GOOD)
+    assert {k: v["reason"] for k, v in again.skipped.items()} == BAD
+    # other settings for the same cache are refused
+    with pytest.raises(CacheError, match="other settings.*cache_dtype"):
+        build_cache(make_config(dataset, out, cache_shard_size=3, cache_dtype="fp32"), encoders=fake_encoders())
+
+
+def test_sequential_process_shares_then_merge(dataset, tmp_path):
+    cfg = make_config(dataset, tmp_path / "c")
+    with pytest.raises(CacheError, match="neither cached nor skipped"):  # process 1 has not run yet
+        build_cache(cfg, encoders=fake_encoders(), process_index=0, process_count=2)
+    r1 = build_cache(cfg, encoders=fake_encoders(), process_index=1, process_count=2)
+    assert r1.manifest is None
+    r0 = build_cache(cfg, encoders=fake_encoders(), process_index=0, process_count=2)
+    assert r0.encoded_here == 0 and set(read_records(tmp_path / "c")) == set(GOOD)
+
+
+def test_nothing_usable_fails_clearly(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "corrupt.mp4").write_bytes(b"\x00" * 100)
+    (clips / "corrupt.txt").write_text("x")
+    write_video(clips / "nocap.mp4", 32, 32, 5)
+    cfg_path = tmp_path / "db.json"
+    cfg_path.write_text(json.dumps([{"id": "v", "dataset_type": "video", "instance_data_dir": str(clips)}]))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "v", "dataset_type": "video", "instance_data_dir": str(tmp_path / "nope")}]))
+    with pytest.raises(CacheConfigError, match="instance_data_dir=.*nope.*is not a directory"):
+        build_cache(make_config(bad, tmp_path / "out"), encoders=fake_encoders())
+    with pytest.raises(CacheError, match="no usable items.*1 missing_caption, 1 unreadable"):
+        build_cache(make_config(cfg_path, tmp_path / "out"), encoders=fake_encoders())
+    assert not (tmp_path / "out" / records.MANIFEST).exists()
+    rep = json.loads((tmp_path / "out" / "cache_report.json").read_text())
+    assert {s["key"]: s["reason"] for s in rep["skipped"]} == {"v/corrupt.mp4": "unreadable",
+                                                               "v/nocap.mp4": "missing_caption"}
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    clips = tmp_path / "clips"
+    write_video(clips / "nocap.mp4", 32, 32, 5)
+    cfg_path = tmp_path / "db.json"
+    cfg_path.write_text(json.dumps([{"id": "v", "dataset_type": "video", "instance_data_dir": str(clips)}]))
+    base = ["cache", f"--config={ROOT / 'configs' / 'lora.py'}", f"--config.cache_dir={tmp_path / 'out'}"]
+    assert main([*base, f"--config.data_backend_config={cfg_path}"]) == 1  # before any encoder is loaded
+    err = capsys.readouterr().err
+    assert "no usable items" in err and "missing_caption" in err
+    assert main([*base, "--config.cache_dirr=x"]) == 2 and "unknown config key 'cache_dirr'" in capsys.readouterr().err
+    assert main(base) == 2 and "data_backend_config is not set" in capsys.readouterr().err
+
+
+# -- dataset lists ---------------------------------------------------------------------------------------------
+def test_seed_multidatabackend_parsed():
+    datasets, notes = sources.read_datasets(SEEDS / "multidatabackend.json")
+    (ds,) = datasets
+    assert ds.id == "disney-black-and-white" and ds.type == "local" and ds.repeats == 0
+    assert ds.instance_data_dir == "datasets/disney-black-and-white" and ds.caption_strategy == "textfile"
+    c = ds.clip
+    assert (c.num_frames, c.min_frames, c.resolution, c.resolution_type, c.crop, c.minimum_image_size) == \
+        (75, 75, 480, "pixel_area", False, 480)
+    noted = {(n["dataset"], n["key"]) for n in notes}
+    assert noted == {("disney-black-and-white", k) for k in ("cache_dir_vae", "maximum_image_size",
+                                                             "target_downsample_size", "video.bucket_strategy")} | \
+        {("text-embeds", k) for k in ("type", "default", "cache_dir", "write_batch_size")}
+    with pytest.raises(sources.DatasetConfigError, match="needs an 'id'"):
+        sources.read_datasets(SEEDS / "dmd-dataset.json")
+
+
+def test_dataset_list_errors_and_options(tmp_path):
+    def parse(entries):
+        p = tmp_path / "db.json"
+        p.write_text(json.dumps(entries))
+        return sources.read_datasets(p)
+
+    base = {"id": "v", "dataset_type": "video", "instance_data_dir": "x"}
+    for bad, msg in [({"resolution_type": "megapixel"}, "resolution_type"), ({"type": "aws"}, "type='aws'"),
+                     ({"caption_strategy": "huggingface"}, "caption_strategy"), ({"repeats": -1}, "repeats"),
+                     ({"video": {"num_frames": 0}}, "num_frames")]:
+        with pytest.raises(sources.DatasetConfigError, match=msg):
+            parse([{**base, **bad}])
+    with pytest.raises(sources.DatasetConfigError, match="no enabled"):
+        parse([{**base, "disabled": True}])
+    with pytest.raises(sources.DatasetConfigError, match="more than once"):
+        parse([base, base])
+    (ds,), notes = parse([{**base, "num_frames": 121, "frame_interval": 1, "cache_dir": "c", "crop": "true",
+                           "crop_style": "random", "probability": 0.5}])  # dmd-dataset.json style
+    assert ds.clip.num_frames == 121 and ds.clip.crop is True and ds.clip.crop_style == "center"
+    assert {n["key"] for n in notes} == {"cache_dir", "crop_style", "probability"}
+    (ds,), _ = sources.read_datasets("tfds:my_videos:validation")
+    assert ds.type == "tfds" and ds.tfds["name"] == "my_videos" and ds.tfds["split"] == "validation"
+    # trainer-level resolution settings are defaults for datasets without their own (SimpleTuner)
+    (a, b), _ = parse([{**base, "resolution": 720}, {**base, "id": "w"}])
+    (a2, b2), _ = sources.read_datasets(tmp_path / "db.json", {"resolution": 240, "resolution_type": "pixel"})
+    assert (a.clip.resolution, b.clip.resolution, a2.clip.resolution, b2.clip.resolution) == (720, 480, 720, 240)
+    assert b2.clip.resolution_type == "pixel"
+
+
+def test_caption_strategies(tmp_path):
+    root = tmp_path / "v"
+    for name in ("x_one", "y_two", "sub/z"):
+        write_video(root / f"{name}.mp4", 32, 32, 5)
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "x_one.mp4", "caption": "from jsonl"}) + "\n" +
+                                         json.dumps({"file_name": "sub/z.mp4", "text": "fallback text"}) + "\n")
+    (tmp_path / "cap.json").write_text(json.dumps([{"id": "x_one", "cap": ["first", "second"]}]))
+    base = {"id": "v", "dataset_type": "video", "instance_data_dir": str(root)}
+
+    def captions(**opts):
+        p = tmp_path / "db.json"
+        p.write_text(json.dumps([{**base, **opts}]))
+        found = sources.discover(sources.read_datasets(p)[0])
+        return {i.key: i.caption for i in found.items}, {k: s["reason"] for k, s in found.skipped.items()}
+
+    assert captions(caption_strategy="jsonl") == ({"v/sub/z.mp4": "fallback text", "v/x_one.mp4": "from jsonl"},
+                                                  {"v/y_two.mp4": "missing_caption"})
+    assert captions(caption_strategy="filename")[0] == {"v/sub/z.mp4": "z", "v/x_one.mp4": "x one",
+                                                        "v/y_two.mp4": "y two"}
+    assert captions(caption_strategy="instanceprompt", instance_prompt="sks")[0]["v/y_two.mp4"] == "sks"
+    assert captions(caption_strategy="filename", prepend_instance_prompt=True,
+                    instance_prompt="sks")[0]["v/y_two.mp4"] == "sks y two"
+    got = captions(caption_strategy="parquet", parquet={"path": str(tmp_path / "cap.json"), "filename_column": "id",
+                                                         "caption_column": "cap"})
+    assert got == ({"v/x_one.mp4": "first"}, {"v/sub/z.mp4": "missing_caption", "v/y_two.mp4": "missing_caption"})
+    assert len(captions(caption_strategy="filename", max_num_samples=2)[0]) == 2
+
+
+# -- frames and sizes ------------------------------------------------------------------------------------------
+def test_bucket_sizes_and_frame_rules():
+    spec = video.ClipSpec(resolution=480)  # pixel_area: ~480 x 480 pixels, sides multiples of 16
+    assert video.target_size(1920, 1080, spec) == (640, 368)
+    assert video.target_size(1920, 1080, video.ClipSpec(resolution=480, alignment=32)) == (640, 352)
+    assert video.target_size(1080, 1920, spec) == (368, 640)
+    assert video.target_size(1920, 1080, video.ClipSpec(resolution=480, crop=True)) == (480, 480)  # square crop
+    assert video.target_size(1920, 1080, video.ClipSpec(resolution=480, resolution_type="pixel")) == (848, 480)
+    assert video.target_size(1000, 1000, video.ClipSpec(resolution=0.25, resolution_type="area")) == (496, 496)
+    with pytest.raises(video.Skip, match="too_small"):
+        video.check_size(320, 240, video.ClipSpec(minimum_image_size=480))
+    s = video.ClipSpec(num_frames=75, min_frames=75)
+    assert video.frame_count(80, s) == 73 and video.frame_count(75, s) == 73
+    with pytest.raises(video.Skip, match="too_short: 74 frames, min_frames is 75"):
+        video.frame_count(74, s)
+    with pytest.raises(video.Skip, match="too_long"):
+        video.frame_count(120, video.ClipSpec(max_frames=100))
+    assert video.frame_count(17, video.ClipSpec()) == 17 and video.frame_count(16, video.ClipSpec()) == 13
+    assert video.frame_count(23, video.ClipSpec(frame_interval=8)) == 13  # 23 -> 16 -> 4k+1
+    assert video.frame_count(3, video.ClipSpec()) == 1
+
+
+def test_load_clip_stride_crop_and_normalisation(tmp_path):
+    write_video(tmp_path / "v.mp4", 64, 32, 20)
+    clip = video.load_clip(tmp_path / "v.mp4", video.ClipSpec(resolution=40, frame_stride=2))
+    assert clip.shape == (9, 32, 64, 3)  # 10 strided frames -> 9; 2:1 at 40x40 px area -> 57x28 -> 64x32
+    crop = video.load_clip(tmp_path / "v.mp4", video.ClipSpec(resolution=40, crop=True, num_frames=5))
+    assert crop.shape == (5, 48, 48, 3)  # square, 40 rounded to 48
+    # the red channel is a horizontal ramp: the square centre crop keeps the middle of it
+    assert abs(int(crop[0, 24, 24, 0]) - 128) < 12 and crop[0, 24, 0, 0] > 40
+    x = video.to_model_input([clip, clip])
+    assert x.shape == (2, 3, 9, 32, 64) and x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
+    with pytest.raises(video.Skip, match="not_a_video"):
+        video.prepare_frames(np.zeros((32, 32, 3), np.uint8), video.ClipSpec())
+    write_png(tmp_path / "i.png")  # an image dataset: one frame per file
+    assert video.load_clip(tmp_path / "i.png", video.ClipSpec(resolution=32, image=True)).shape == (1, 32, 32, 3)
+    assert video.prepare_frames(np.zeros((32, 32, 1), np.uint8), video.ClipSpec(resolution=32, image=True)).shape \
+        == (1, 32, 32, 3)
+
+
+def test_tfds_source(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class TinyClips(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "frames": tfds.features.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="zlib"),
+                "text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng = np.random.default_rng(0)
+            for i, (f, h, w, cap) in enumerate([(9, 32, 48, "one"), (6, 48, 32, "two"), (5, 32, 32, "")]):
+                yield i, {"frames": rng.integers(0, 255, (f, h, w, 3), dtype=np.uint8), "text": cap}
+
+    TinyClips(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    db = tmp_path / "db.json"
+    db.write_text(json.dumps([{"id": "tf", "type": "tfds", "tfds_name": "tiny_clips", "split": "train",
+                               "data_dir": str(tmp_path / "tfds"), "video_key": "frames", "caption_key": "text",
+                               "resolution": 40}]))
+    report = build_cache(make_config(db, tmp_path / "out"), encoders=fake_encoders())
+    recs = read_records(tmp_path / "out")
+    assert {k: (r["caption"], r["latents"].shape) for k, r in recs.items()} == {
+        "tf/train/00000000": ("one", (C, 3, 4, 6)), "tf/train/00000001": ("two", (C, 2, 6, 4))}
+    assert {k: v["reason"] for k, v in report.skipped.items()} == {"tf/train/00000002": "missing_caption"}
+
+
+if __name__ == "__main__":  # a worker of test_two_processes_match_one: python tests/test_cache.py CONFIG_JSON
+    from wanjax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    rep = build_cache(ConfigDict(json.loads(sys.argv[1])), encoders=fake_encoders())
+    print(json.dumps({"encoded": rep.encoded_here}))

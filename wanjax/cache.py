@@ -1,0 +1,555 @@
+"""The caching job: videos + captions -> the trainer's latent cache (format: wanjax/data/records.py).
+
+    python -m wanjax.cache --config configs/lora.py[:variant] --config.data_backend_config=multidatabackend.json
+
+Reads `data_backend_config` (SimpleTuner's dataset list, wanjax/data/sources.py), writes `cache_dir`, encodes with
+the VAE and UMT5 of `pretrained_model_name_or_path` (vae/, text_encoder/, tokenizer/). Optional config keys:
+cache_shard_size (32 items), vae_batch_size (1, per local device), text_encoder_batch_size (1), cache_dtype (bf16 |
+fp16 | fp32), cache_decode_threads (4), validation_prompt, validation_negative_prompt, validation_prompt_library.
+
+Multi-process (jax.distributed; `cache_dir` on a filesystem every process sees): item i of the discovered list
+(deterministic order) belongs to process i % P. A process works through its share in chunks of cache_shard_size
+items: decode (threads) -> group by clip shape -> VAE in fixed-size batches (the last one padded, so a bucket
+compiles once) -> text encoder in fixed-size batches -> one shard `records-p<p>-<seq>.array_record` (renamed from
+`.partial` when complete), then its done-list `progress/records-p<p>-<seq>.json` (atomic: keys, buckets, datasets);
+the process's skipped files go to `progress/skipped-p<p>.json`. After a barrier process 0 checks that every item is
+cached or skipped and writes empty_prompt.safetensors, validation_prompts.safetensors, cache_report.json,
+index.safetensors and manifest.json last (write_manifest over all done-lists, in shard-name order).
+
+Determinism: with one clip per device (vae_batch_size 1) and text_encoder_batch_size 1, every item is encoded by the
+same program whatever its neighbours, so any process count gives bit-identical records. Larger per-device batches
+are faster but XLA may pick other kernels for them (e.g. CPU convolutions differ in the last bits at batch 8 vs 1).
+
+Resume: a rerun (with any process count) skips the keys of every done-list and retries skipped files (they may have
+been fixed); a crash loses at most the chunk in flight (its `.partial` shard is deleted on restart; a shard renamed
+but without its done-list is redone and the orphan removed at the merge). Settings
+that shape latents (dataset options, encoder sizes, dtype) are kept in progress/settings.json and a rerun with other
+values is refused. Items later removed from the dataset stay in the cache and are reported as stale.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from wanjax.data import records, sources
+from wanjax.data.records import ShardInfo, ShardWriter
+from wanjax.data.video import Skip, latent_frames, to_model_input
+
+log = logging.getLogger("wanjax.cache")
+PROGRESS_DIR = "progress"
+REPORT_FILE = "cache_report.json"
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
+
+
+class CacheConfigError(ValueError):
+    """A setting or dataset list that cannot work; raised before any encoding."""
+
+
+class CacheError(RuntimeError):
+    """The job ran but cannot produce a usable cache (nothing usable, unfinished shares, changed settings)."""
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """What caching needs from the VAE and the text encoder. `load_encoders` builds the real ones; tests pass small
+    deterministic stand-ins.
+
+    encode_video: float32 (B, 3, F, H, W) in [-1, 1], F = 4k + 1, H, W multiples of spatial_factor, B =
+        video_batch_size -> normalised latents (B, latent_channels, 1 + (F - 1) // 4, H / sf, W / sf).
+    encode_text: text_batch_size prompts -> (embeddings (B, text_len, text_dim), true token counts (B,)).
+    """
+
+    encode_video: Callable[[np.ndarray], Any]
+    encode_text: Callable[[Sequence[str]], tuple[Any, Any]]
+    latent_channels: int
+    text_dim: int
+    spatial_factor: int = 8
+    text_len: int = 512
+    video_batch_size: int = 1
+    text_batch_size: int = 1
+    name: str = ""
+
+
+def load_encoders(pipeline_path: str, *, vae_batch_size: int = 1, text_batch_size: int = 1,
+                  text_len: int = 512) -> Encoders:
+    """The pipeline's VAE (batch split over this process's devices, `vae_batch_size` each) and UMT5. A hub id
+    is downloaded first (vae/, text_encoder/, tokenizer/ only)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from wanjax import text_io, vae_io
+    from wanjax.models import vae as vae_lib
+
+    path = str(pipeline_path)
+    if not os.path.exists(path) and path.count("/") == 1:
+        import huggingface_hub as hf
+
+        path = hf.snapshot_download(path, allow_patterns=["model_index.json", "vae/*", "text_encoder/*",
+                                                          "tokenizer/*"])
+    vae_cfg, vae_params = vae_io.load_vae(path, subfolder="vae")
+    te_cfg, te_params, tokenizer = text_io.load_text_encoder(path, subfolder="text_encoder",
+                                                             tokenizer_subfolder="tokenizer")
+    mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+    vae_params = jax.device_put(vae_params, NamedSharding(mesh, PartitionSpec()))
+    encode = jax.jit(lambda params, video: vae_lib.vae_encode(vae_cfg, params, video))
+    sf = int(getattr(vae_cfg, "spatial_factor", None) or getattr(vae_cfg, "scale_factor_spatial", None) or 8)
+    probe = jax.eval_shape(encode, vae_params, jax.ShapeDtypeStruct((1, 3, 1, 2 * sf, 2 * sf), jnp.float32))
+
+    def encode_video(batch: np.ndarray) -> Any:
+        return encode(vae_params, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("batch"))))
+
+    def encode_text(prompts: Sequence[str]) -> tuple[Any, Any]:
+        return text_io.encode_prompts(te_cfg, te_params, tokenizer, list(prompts), max_length=text_len,
+                                      batch_size=text_batch_size, return_lengths=True)
+
+    emb, _ = encode_text([""] * text_batch_size)
+    return Encoders(encode_video, encode_text, latent_channels=int(probe.shape[1]), text_dim=int(emb.shape[-1]),
+                    spatial_factor=sf, text_len=text_len, video_batch_size=vae_batch_size * mesh.size,
+                    text_batch_size=text_batch_size, name=str(pipeline_path))
+
+
+@dataclass
+class CacheReport:
+    cache_dir: Path
+    candidates: int  # files / records considered
+    cached: int  # usable records in the cache
+    skipped: dict[str, dict[str, str]]  # key -> {dataset, path, reason, detail}
+    stale: int = 0  # records of items no longer in the dataset list
+    encoded_here: int = 0  # records this process encoded in this run
+    notes: list[dict[str, str]] = field(default_factory=list)
+    manifest: Any = None  # records.Manifest (process 0)
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(s["reason"] for s in self.skipped.values()).items()))
+
+    def summary(self) -> str:
+        why = ", ".join(f"{n} {r}" for r, n in self.counts().items())
+        skipped = f" ({len(self.skipped)} skipped: {why})" if self.skipped else ""
+        stale = f", {self.stale} stale" if self.stale else ""
+        return (f"cached {self.cached} of {self.candidates} items{skipped}{stale} -> {self.cache_dir}; "
+                f"details: {self.cache_dir / REPORT_FILE}")
+
+
+@dataclass(frozen=True)
+class _Options:
+    shard_size: int
+    vae_batch_size: int
+    text_batch_size: int
+    dtype: str
+    threads: int
+
+    @classmethod
+    def from_config(cls, config) -> "_Options":
+        def get(k, default):
+            v = config.get(k, None)
+            return default if v is None else v
+
+        o = cls(int(get("cache_shard_size", 32)), int(get("vae_batch_size", 1)),
+                int(get("text_encoder_batch_size", 1)), str(get("cache_dtype", "bf16")),
+                int(get("cache_decode_threads", 4)))
+        if min(o.shard_size, o.vae_batch_size, o.text_batch_size, o.threads) < 1 or o.dtype not in DTYPES:
+            raise CacheConfigError(f"cache options {o}: sizes must be >= 1, cache_dtype one of {sorted(DTYPES)}")
+        return o
+
+
+# =============================================================================================================
+# the job
+# =============================================================================================================
+def build_cache(config, *, encoders: Encoders | None = None, process_index: int | None = None,
+                process_count: int | None = None) -> CacheReport:
+    """Cache `config.data_backend_config` into `config.cache_dir` (see the module docstring). Raises
+    CacheConfigError for bad settings, CacheError when nothing usable remains (after writing cache_report.json)."""
+    import jax
+
+    p = jax.process_index() if process_index is None else int(process_index)
+    n_proc = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= p < n_proc:
+        raise CacheConfigError(f"process_index {p} must be in [0, process_count {n_proc})")
+    if not config.get("data_backend_config"):
+        raise CacheConfigError("data_backend_config is not set: point it at a SimpleTuner multidatabackend.json "
+                               "(or tfds:NAME[:split])")
+    if not config.get("cache_dir"):
+        raise CacheConfigError("cache_dir is not set")
+    opts = _Options.from_config(config)
+    cache_dir = Path(config.cache_dir)
+    try:
+        defaults = {k: config.get(k, None) for k in ("resolution", "resolution_type", "minimum_image_size")}
+        datasets, notes = sources.read_datasets(config.data_backend_config, defaults)
+        found = sources.discover(datasets)
+    except sources.DatasetConfigError as e:
+        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
+    found.notes[:0] = notes
+    if p == 0:
+        for n in found.notes:
+            log.warning("[dataset %s] %s: %s", n["dataset"], n["key"], n["note"])
+    if not found.items:
+        report = CacheReport(cache_dir, len(found.skipped), 0, dict(found.skipped), notes=found.notes)
+        if p == 0:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _write_report(report, datasets)
+        raise CacheError(f"no usable items: {report.summary()}")
+    if encoders is None:
+        from wanjax.train import resolve_model
+
+        encoders = load_encoders(resolve_model(config)[0], vae_batch_size=opts.vae_batch_size,
+                                 text_batch_size=opts.text_batch_size)
+    datasets = sources.with_alignment(datasets, 2 * encoders.spatial_factor)
+    work = cache_dir / PROGRESS_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    _check_settings(work, _settings(datasets, encoders, opts), write=p == 0)
+
+    progress = _Progress(cache_dir, p)
+    done = {k for info in _shard_infos(cache_dir) for k in info.keys}
+    mine = [it for i, it in enumerate(found.items) if i % n_proc == p and it.key not in done]
+    log.info("process %d/%d: %d of its items to encode (%d cached before)", p, n_proc, len(mine),
+             sum(1 for i, it in enumerate(found.items) if i % n_proc == p) - len(mine))
+    encoded = _Worker(cache_dir, p, encoders, {d.id: d for d in datasets}, opts, progress).run(mine)
+
+    if p != 0 and jax.process_count() == 1:  # shares run one after another (process_count given): no merge here
+        own = {k for i in _shard_infos(cache_dir) if i.name.startswith(progress.prefix + "-") for k in i.keys}
+        return CacheReport(cache_dir, len(found.items) + len(found.skipped), len(own), dict(progress.skipped),
+                           encoded_here=encoded, notes=found.notes)
+    _barrier("wanjax-cache-encoded")
+    error: Exception | None = None
+    report = None
+    if p == 0:
+        try:
+            report = _merge(cache_dir, found, datasets, encoders, config, opts, n_proc)
+        except Exception as e:  # the others wait at the barrier below: tell them through the report file
+            error = e
+            _write_json(cache_dir / REPORT_FILE, {"error": f"{type(e).__name__}: {e}"})
+    _barrier("wanjax-cache-merged")
+    if error is not None:
+        raise error
+    if report is None:
+        report = _read_report(cache_dir)
+    report.encoded_here = encoded
+    if report.cached == 0:
+        raise CacheError(f"no usable items: {report.summary()}")
+    return report
+
+
+def _barrier(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _settings(datasets: list[sources.DatasetSpec], enc: Encoders, opts: _Options) -> dict[str, Any]:
+    return json.loads(json.dumps({
+        "datasets": {d.id: d.fingerprint() for d in datasets},
+        "encoders": {"latent_channels": enc.latent_channels, "text_dim": enc.text_dim, "text_len": enc.text_len,
+                     "spatial_factor": enc.spatial_factor},
+        "cache_dtype": opts.dtype,
+    }))
+
+
+def _check_settings(work: Path, settings: dict[str, Any], write: bool) -> None:
+    path = work / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in ("encoders", "cache_dtype") if old.get(k) != settings[k]]
+        changed += [f"dataset {d!r}" for d, fp in settings["datasets"].items()
+                    if d in old.get("datasets", {}) and old["datasets"][d] != fp]
+        if changed:
+            raise CacheError(f"{work.parent} was cached with other settings ({', '.join(changed)} changed; see "
+                             f"{path}): use a new cache_dir, or delete this one to rebuild")
+        settings = {**settings, "datasets": {**old.get("datasets", {}), **settings["datasets"]}}
+    if write:
+        _write_json(path, settings)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+# -- per-process progress ---------------------------------------------------------------------------------------
+def _shard_infos(cache_dir: Path) -> list[ShardInfo]:
+    """Every complete shard with its done-list (progress/<shard>.json, written after the shard), by name."""
+    infos = []
+    for f in sorted((cache_dir / PROGRESS_DIR).glob("records-p*.json")):
+        info = ShardInfo.from_json(json.loads(f.read_text()))
+        if (cache_dir / info.name).is_file():
+            infos.append(info)
+    return infos
+
+
+class _Progress:
+    """This process's done-lists (one progress/<shard>.json per complete shard) and skipped files
+    (progress/skipped-p<p>.json, this run's verdicts only: skipped files are retried on every run)."""
+
+    def __init__(self, cache_dir: Path, process: int):
+        self.cache_dir, self.process = cache_dir, process
+        self.prefix = f"records-p{process:03d}"
+        self.skipped: dict[str, dict[str, str]] = {}
+        self.skip_path = cache_dir / PROGRESS_DIR / f"skipped-p{process:03d}.json"
+        for stale in cache_dir.glob(f"{self.prefix}-*.partial"):  # the chunk in flight when a run died
+            stale.unlink()
+        own = [i.name for i in _shard_infos(cache_dir) if i.name.startswith(self.prefix + "-")]
+        self.next_seq = 1 + max((int(n[len(self.prefix) + 1 :].split(".")[0]) for n in own), default=-1)
+        self.save_skipped()
+
+    def shard_done(self, info: ShardInfo) -> None:
+        _write_json(self.cache_dir / PROGRESS_DIR / (info.name.rsplit(".", 1)[0] + ".json"), info.to_json())
+
+    def save_skipped(self) -> None:
+        _write_json(self.skip_path, {"process": self.process, "skipped": self.skipped})
+
+
+# -- encoding --------------------------------------------------------------------------------------------------
+class _Worker:
+    """Encodes one process's items chunk by chunk: one shard + one progress update per chunk."""
+
+    def __init__(self, cache_dir: Path, process: int, enc: Encoders, datasets: dict, opts: _Options,
+                 progress: _Progress):
+        self.enc, self.datasets, self.opts, self.progress = enc, datasets, opts, progress
+        self.dtype = DTYPES[opts.dtype]
+        self.writer = ShardWriter(cache_dir, prefix=progress.prefix, latent_channels=enc.latent_channels,
+                                  text_dim=enc.text_dim, text_len=enc.text_len, shard_size=2**31,
+                                  start_seq=progress.next_seq, on_close=progress.shard_done)
+        self.texts: list[tuple[sources.Item, str, np.ndarray]] = []
+        self.encoded = 0
+        self.bar = None
+
+    def _skip(self, item: sources.Item, s: Skip) -> None:
+        self.progress.skipped[item.key] = {"dataset": item.dataset, "path": item.path or item.key,
+                                           "reason": s.reason, "detail": s.detail}
+        self.bar.update(1)
+
+    def run(self, items: list[sources.Item]) -> int:
+        import jax
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=len(items), unit="item", desc="caching", dynamic_ncols=True,
+                        disable=jax.process_index() != 0 or not items)
+        with self.bar:
+            for start in range(0, len(items), self.opts.shard_size):
+                self._chunk(items[start : start + self.opts.shard_size])
+        return self.encoded
+
+    def _chunk(self, chunk: list[sources.Item]) -> None:
+        pending: dict[tuple, list] = collections.defaultdict(list)
+        skips = len(self.progress.skipped)
+        for item, result in sources.load_many(chunk, self.datasets, self.opts.threads):
+            if isinstance(result, Skip):
+                self._skip(item, result)
+                continue
+            clip, caption = result
+            group = pending[clip.shape]
+            group.append((item, clip, caption))
+            if len(group) == self.enc.video_batch_size:
+                self._encode_videos(pending.pop(clip.shape))
+        for shape in sorted(pending):
+            self._encode_videos(pending[shape])
+        self._encode_texts(final=True)
+        self.writer.flush()
+        if skips != len(self.progress.skipped):
+            self.progress.save_skipped()
+
+    def _encode_videos(self, group: list) -> None:
+        b, n = self.enc.video_batch_size, len(group)
+        clips = [c for _, c, _ in group] + [group[-1][1]] * (b - n)
+        lat = np.asarray(self.enc.encode_video(to_model_input(clips)))
+        f, h, w = clips[0].shape[:3]
+        sf = self.enc.spatial_factor
+        want = (b, self.enc.latent_channels, latent_frames(f), h // sf, w // sf)
+        if lat.shape != want:
+            raise CacheError(f"encode_video returned {lat.shape} for clips {(b, 3, f, h, w)}; expected {want}")
+        for (item, _, caption), row in zip(group, lat):
+            if not np.isfinite(row).all():
+                self._skip(item, Skip("non_finite", "the VAE produced NaN/Inf latents"))
+            else:
+                self.texts.append((item, caption, row))
+        self._encode_texts()
+
+    def _encode_texts(self, final: bool = False) -> None:
+        tb = self.enc.text_batch_size
+        while len(self.texts) >= tb or (final and self.texts):
+            batch, self.texts = self.texts[:tb], self.texts[tb:]
+            emb, lengths = _encode_prompts(self.enc, [c for _, c, _ in batch])
+            for (item, caption, lat), e, n in zip(batch, emb, lengths):
+                self.writer.add({"key": item.key, "dataset": item.dataset, "caption": caption,
+                                 "latents": lat.astype(self.dtype), "prompt_embeds": e[:n].astype(self.dtype)})
+                self.encoded += 1
+                self.bar.update(1)
+
+
+def _encode_prompts(enc: Encoders, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode in fixed-size batches (padded with ""), so every call has one shape."""
+    tb, embs, lens = enc.text_batch_size, [], []
+    for i in range(0, len(prompts), tb):
+        part = prompts[i : i + tb]
+        emb, n = enc.encode_text(part + [""] * (tb - len(part)))
+        emb, n = np.asarray(emb), np.asarray(n).astype(np.int64).reshape(-1)
+        if emb.shape != (tb, enc.text_len, enc.text_dim) or n.shape != (tb,) or n.min() < 1 or n.max() > enc.text_len:
+            raise CacheError(f"encode_text returned {emb.shape} / lengths {n.tolist()}; expected "
+                             f"({tb}, {enc.text_len}, {enc.text_dim}) and lengths in [1, {enc.text_len}]")
+        embs.append(emb[: len(part)])
+        lens.append(n[: len(part)])
+    return np.concatenate(embs), np.concatenate(lens)
+
+
+# -- merge (process 0) -----------------------------------------------------------------------------------------
+def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encoders, config, opts: _Options,
+           n_proc: int) -> CacheReport:
+    shards = _shard_infos(cache_dir)
+    cached = {k for s in shards for k in s.keys}
+    current = [it.key for it in found.items]
+    skipped = dict(found.skipped)
+    for f in sorted((cache_dir / PROGRESS_DIR).glob("skipped-p*.json")):
+        d = json.loads(f.read_text())
+        if d["process"] < n_proc:  # files of processes not in this run hold old verdicts
+            skipped.update({k: v for k, v in d["skipped"].items() if k not in cached})
+    missing = [k for k in current if k not in cached and k not in skipped]
+    if missing:
+        raise CacheError(f"{len(missing)} items are neither cached nor skipped (e.g. {missing[:3]}): a process has "
+                         "not finished its share; rerun the job to resume")
+    listed = {s.name for s in shards}
+    for f in [*cache_dir.glob("records-p*.array_record*"), *(cache_dir / PROGRESS_DIR).glob("records-p*.json")]:
+        if f.name not in listed and f.name.replace(".json", ".array_record") not in listed:
+            f.unlink()  # leftovers of crashed runs: shards without a done-list, done-lists without a shard
+    usable = len(set(current) & cached)
+    report = CacheReport(cache_dir, len(current) + len(found.skipped), usable,
+                         {k: skipped[k] for k in sorted(skipped) if k not in cached},
+                         stale=len(cached) - usable, notes=found.notes)
+    (cache_dir / records.MANIFEST).unlink(missing_ok=True)  # incomplete while the index is rewritten
+    if usable:
+        _write_prompt_files(cache_dir, enc, config, DTYPES[opts.dtype], report.notes)
+        report.manifest = records.write_manifest(
+            cache_dir, shards, latent_channels=enc.latent_channels, text_dim=enc.text_dim, text_len=enc.text_len,
+            datasets={d.id: d.repeats for d in datasets},
+            source={"generator": "wanjax.cache", "encoders": enc.name, "cache_dtype": opts.dtype,
+                    "data_backend_config": str(config.data_backend_config)})
+    if report.stale:
+        log.warning("%d cached records belong to items no longer in the dataset list (kept; use a new cache_dir "
+                    "to drop them)", report.stale)
+    _write_report(report, datasets)
+    return report
+
+
+def _write_report(report: CacheReport, datasets: list) -> None:
+    per_ds = collections.defaultdict(lambda: {"skipped": 0})
+    for s in report.skipped.values():
+        per_ds[s["dataset"]]["skipped"] += 1
+    man = report.manifest
+    for d in datasets:
+        per_ds[d.id].update(repeats=d.repeats, cached=man.datasets[d.id].items if man and d.id in man.datasets else 0)
+    _write_json(report.cache_dir / REPORT_FILE, {
+        "summary": report.summary(), "candidates": report.candidates, "cached": report.cached,
+        "skipped_count": len(report.skipped), "stale": report.stale, "skipped_by_reason": report.counts(),
+        "datasets": dict(per_ds), "buckets": dict(man.buckets) if man else {},
+        "skipped": [{"key": k, **v} for k, v in report.skipped.items()], "config_notes": report.notes})
+
+
+def _read_report(cache_dir: Path) -> CacheReport:
+    data = json.loads((cache_dir / REPORT_FILE).read_text())
+    if "error" in data:
+        raise CacheError(f"process 0 failed to finish the cache: {data['error']}")
+    skipped = {s.pop("key"): s for s in data["skipped"]}
+    return CacheReport(cache_dir, data["candidates"], data["cached"], skipped, data["stale"],
+                       notes=data["config_notes"])
+
+
+def _prompt_library(config, notes: list) -> dict[str, str]:
+    out = {}
+    for k in ("validation_prompt", "validation_negative_prompt"):
+        if config.get(k, None):
+            out[k] = str(config.get(k))
+    lib = config.get("validation_prompt_library", None) or config.get("user_prompt_library", None)
+    if isinstance(lib, str) and lib.lower() not in ("false", "true", ""):
+        try:
+            entries = json.loads(Path(lib).read_text())
+        except (OSError, ValueError) as e:
+            raise CacheConfigError(f"validation_prompt_library={lib!r}: unreadable ({e})") from None
+        for name, v in entries.items():
+            out[f"library/{name}"] = str(v.get("prompt", "") if isinstance(v, dict) else v)
+    elif lib is True or (isinstance(lib, str) and lib.lower() == "true"):
+        notes.append({"dataset": "-", "key": "validation_prompt_library",
+                      "note": "SimpleTuner's built-in prompt library is not shipped; give a JSON file of prompts"})
+    return out
+
+
+def _write_prompt_files(cache_dir: Path, enc: Encoders, config, dtype, notes: list) -> None:
+    """empty_prompt.safetensors ("empty": the true-length embedding of "") and validation_prompts.safetensors
+    (one true-length embedding per name; texts in the metadata). Kept when already written for the same texts."""
+    wanted = {records.EMPTY_PROMPT_FILE: {"empty": ""}}
+    library = _prompt_library(config, notes)
+    if library:
+        wanted[records.VALIDATION_PROMPTS_FILE] = library
+    from wanjax.safetensors_io import SafetensorsFile
+
+    for fname, prompts in wanted.items():
+        path, meta = cache_dir / fname, {"prompts": json.dumps(prompts, ensure_ascii=False), "encoders": enc.name,
+                                         "text_dim": str(enc.text_dim), "dtype": np.dtype(dtype).name}
+        if path.is_file():
+            try:
+                if SafetensorsFile(path).metadata == meta:
+                    continue
+            except (OSError, ValueError):
+                pass
+        emb, lens = _encode_prompts(enc, list(prompts.values()))
+        records.write_text_embeds(path, {k: e[:n].astype(dtype) for k, e, n in zip(prompts, emb, lens)}, meta)
+
+
+# =============================================================================================================
+# command line
+# =============================================================================================================
+def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    from wanjax.train import _explain_flag_error
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.key` overrides in sys.argv itself
+    try:
+        config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/lora.py", flag_values=fv,
+                                        lock_config=True)
+        fv(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: bad command line or config: {_explain_flag_error(e)}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+    if fv.config is None:
+        print("error: --config is required, e.g. --config configs/lora.py", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from wanjax.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    import jax
+
+    try:
+        report = build_cache(fv.config)
+    except CacheConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
