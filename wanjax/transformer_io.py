@@ -131,6 +131,8 @@ class ArrayReader:
     def __init__(self, config: WanConfig, params: dict, source: str = "params"):
         self.config, self.source = config, source
         self.leaves = {tuple(getattr(k, "key", str(k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+        # params spread over several hosts: every process must join each gather, process 0 writes
+        self.collective = any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in self.leaves.values())
         expected = _shapes(config)
         if set(expected) != set(self.leaves):
             missing = sorted(map(_flat_name, set(expected) - set(self.leaves)))
@@ -340,9 +342,15 @@ def _out_dtype(reader: ParamReader, path, dtype) -> np.dtype:
     return target_dtype(path, reader.dtype(path), dtype)
 
 
+def _follow(specs, produce) -> None:
+    """Non-writing processes of a multi-host save: take part in every gather, write nothing."""
+    for name, _, _ in specs:
+        produce(name)
+
+
 def write_diffusers(reader: ParamReader, dst, *, dtype=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, overwrite=False):
     """A diffusers model folder (config.json + safetensors, sharded above `max_shard_bytes`), one layer at a time."""
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 and not getattr(reader, "collective", False):
         return
     specs, where = [], {}
     for path, shape in _shapes(reader.config).items():
@@ -364,6 +372,8 @@ def write_diffusers(reader: ParamReader, dst, *, dtype=None, max_shard_bytes=DEF
             arr = reader.read(path, slice(layer, layer + 1))[0]
         return np.ascontiguousarray(weights.to_diffusers_layout(arr, kind)).astype(dt, copy=False)
 
+    if jax.process_index() != 0:
+        return _follow(specs, produce)
     with _AtomicDir(Path(dst), overwrite) as tmp:
         stio.write_sharded(tmp, DIFFUSERS_STEM, specs, produce, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(reader.config.to_diffusers(), indent=2))
@@ -371,7 +381,7 @@ def write_diffusers(reader: ParamReader, dst, *, dtype=None, max_shard_bytes=DEF
 
 def write_wanjax(reader: ParamReader, dst, *, dtype=None, max_shard_bytes=DEFAULT_MAX_SHARD_BYTES, overwrite=False):
     """A wanjax checkpoint (stacked layout), one param at a time."""
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 and not getattr(reader, "collective", False):
         return
     shapes = _shapes(reader.config)
     specs = [(_flat_name(p), _out_dtype(reader, p, dtype), s) for p, s in shapes.items()]
@@ -381,6 +391,8 @@ def write_wanjax(reader: ParamReader, dst, *, dtype=None, max_shard_bytes=DEFAUL
         path = by_name[name]
         return reader.read(path).astype(_out_dtype(reader, path, dtype), copy=False)
 
+    if jax.process_index() != 0:
+        return _follow(specs, produce)
     with _AtomicDir(Path(dst), overwrite) as tmp:
         stio.write_sharded(tmp, WANJAX_STEM, specs, produce, max_shard_bytes=max_shard_bytes)
         meta = {"format": WANJAX_FORMAT, "version": 1, "config": reader.config.to_diffusers()}
