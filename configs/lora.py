@@ -1,7 +1,7 @@
 """Wan LoRA training with flow matching: SimpleTuner's Wan LoRA quickstart (seed lora-config.json) in wanjax.
 
     python -m wanjax.train --config configs/lora.py          # Wan2.1-T2V-1.3B, the seed's settings
-    python -m wanjax.train --config configs/lora.py:tiny     # tiny random pipeline + sample cache, CPU, ~1 min
+    python -m wanjax.train --config configs/lora.py:tiny     # tiny pipeline, generated clips cached then trained, CPU
 """
 
 import os
@@ -47,9 +47,11 @@ def get_config(arg=None):
     c.model.remat_policy = "full"  # gradient_checkpointing: true
 
     if arg == "tiny":
+        # the whole job offline: generated clips -> JAX VAE + UMT5 -> cache (first run) -> LoRA training
         c.tiny_assets_dir = "cache/tiny-wan"
         c.pretrained_model_name_or_path = "cache/tiny-wan/pipeline"
-        c.cache_dir = "cache/tiny-wan/latents"
+        c.data_backend_config = "cache/tiny-wan/videos/multidatabackend.json"
+        c.cache_dir = "cache/tiny-wan/video-cache"
         c.output_dir = "output/tiny-lora"
         c.resume_from_checkpoint = "latest"
         c.max_train_steps = 8

@@ -110,6 +110,15 @@ def resolve(config) -> Resolved:
             "training needs conditioning latents in the cache, which the LoRA trainer does not build yet"
         )
 
+    if not (Path(config.cache_dir) / "manifest.json").exists() and config.data_backend_config:
+        # no cache yet: build it from the dataset list with the same code as `python -m wanjax.cache`
+        from wanjax.cache import CacheError, build_cache
+
+        logger.info("cache_dir=%s has no cache: caching %s first", config.cache_dir, config.data_backend_config)
+        try:
+            build_cache(config)
+        except (ValueError, CacheError) as e:
+            raise ConfigError(f"caching {config.data_backend_config}: {e}") from None
     try:
         manifest = records.read_manifest(config.cache_dir)
         records.validate_cache(manifest, latent_channels=model.in_channels, text_dim=model.text_dim)
