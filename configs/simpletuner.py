@@ -35,7 +35,7 @@ SAME = {k: k for k in (
     "flow_use_uniform_schedule", "flow_use_beta_schedule", "flow_beta_schedule_alpha", "flow_beta_schedule_beta",
     "flow_sigmoid_scale", "prodigy_steps", "data_backend_config", "resume_from_checkpoint", "mixed_precision",
     "vae_batch_size", "resolution", "resolution_type", "minimum_image_size", "validation_prompt",
-    "validation_negative_prompt",
+    "validation_negative_prompt", "distillation_method",
 )}
 SAME["lora_target_modules"] = "lora_target_modules"
 
@@ -62,8 +62,6 @@ NO_EFFECT = {
     "hub_model_id": "hub upload is not implemented yet; the LoRA is written to output_dir",
     "push_to_hub": "hub upload is not implemented yet; the LoRA is written to output_dir",
     "push_checkpoints_to_hub": "hub upload is not implemented yet; the LoRA is written to output_dir",
-    "distillation_method": "DMD / DCM distillation is not implemented yet; this config would train a plain LoRA",
-    "distillation_config": "DMD / DCM distillation is not implemented yet; this config would train a plain LoRA",
 }
 for _k in ("validation_seed", "validation_step_interval", "validation_resolution", "validation_guidance",
            "validation_num_inference_steps", "validation_num_video_frames"):
@@ -82,6 +80,13 @@ def convert(data: dict) -> tuple[dict, dict]:
         elif key == "lora_type":
             if str(value).lower() != "standard":
                 raise ValueError(f"lora_type={value!r}: only 'standard' LoRA is supported")
+        elif key == "distillation_config":
+            known = set(base_config().distillation_config.keys())
+            for sub, v in (value or {}).items():
+                if sub in known:
+                    out[f"distillation_config.{sub}"] = v
+                else:
+                    unhonored[f"distillation_config.{sub}"] = "unknown distillation option: not recognised by wanjax"
         elif key == "validation_prompt_library":
             if value not in (False, None, "", "false"):
                 out["validation_prompt_library"] = value
@@ -111,6 +116,8 @@ def _set(c, dotted: str, value):
         value = float(value)
     elif isinstance(current, int) and not isinstance(current, bool):
         value = int(value)
+    elif isinstance(current, tuple):
+        value = tuple(value)
     elif isinstance(value, list):
         value = ",".join(map(str, value))
     node[leaf] = value

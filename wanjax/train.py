@@ -174,6 +174,15 @@ def resolve(config) -> Resolved:
             raise ConfigError(f"distillation_config: {e}") from None
         if config.gradient_accumulation_steps != 1:
             raise ConfigError("DMD updates generator and critic once per optimizer step: set gradient_accumulation_steps=1")
+    if method == "dcm":
+        from wanjax.methods.dcm import dcm_config
+
+        try:
+            dcm_config(config, model)
+        except ValueError as e:
+            raise ConfigError(f"distillation_config: {e}") from None
+        if config.gradient_accumulation_steps != 1:
+            raise ConfigError("DCM updates the student once per optimizer step: set gradient_accumulation_steps=1")
     return Resolved(path, sub, DTYPES[config.mixed_precision], reader, manifest, targets, alpha, init, optim_cfg, fm,
                     iterator, method)
 

@@ -48,4 +48,8 @@ def build(name: str, ctx: Context) -> Method:
         from wanjax.methods.dmd import build as build_dmd
 
         return build_dmd(ctx)
+    if name == "dcm":
+        from wanjax.methods.dcm import build as build_dcm
+
+        return build_dcm(ctx)
     raise ValueError(f"distillation_method={name!r}: expected None (LoRA flow matching), 'dmd' or 'dcm'")
