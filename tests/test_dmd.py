@@ -1,12 +1,10 @@
 """DMD formulas against direct numpy evaluations, guards against SimpleTuner's DMD defects, and the tiny run."""
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from wanjax.losses import dmd
 from wanjax.schedules import shift_sigma

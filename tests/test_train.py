@@ -64,7 +64,6 @@ def losses(out):
 # ---------------------------------------------------------------------------------------------------------
 def test_tiny_run_lora_loads_in_diffusers(assets, tmp_path):
     """4 steps -> pytorch_lora_weights.safetensors -> WanPipeline.load_lora_weights matches wanjax with that LoRA."""
-    import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
     out = tmp_path / "run"

@@ -511,35 +511,20 @@ def _write_prompt_files(cache_dir: Path, enc: Encoders, config, dtype, notes: li
 # command line
 # =============================================================================================================
 def main(argv: list[str] | None = None) -> int:
-    from absl import flags
-    from ml_collections import config_flags
+    from wanjax import cli
 
-    from wanjax.train import _explain_flag_error
-
-    argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.key` overrides in sys.argv itself
-    try:
-        config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/lora.py", flag_values=fv,
-                                        lock_config=True)
-        fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: bad command line or config: {_explain_flag_error(e)}", file=sys.stderr)
-        return 2
-    finally:
-        sys.argv = saved_argv
-    if fv.config is None:
-        print("error: --config is required, e.g. --config configs/lora.py", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    parsed = cli.parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    config, _ = parsed
+    cli.setup_logging()
     from wanjax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
     import jax
 
     try:
-        report = build_cache(fv.config)
+        report = build_cache(config)
     except CacheConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wanjax import safetensors_io as stio
-from wanjax.models.text_encoder import UMT5Config, init_text_encoder_params, param_shapes, umt5_encode
+from wanjax.models.text_encoder import UMT5Config, init_text_encoder_params, param_shapes, umt5_encode  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -341,31 +341,16 @@ def _write_config(config, output_dir: Path, extra: dict | None = None) -> None:
 # Command line
 # =========================================================================================================
 def main(argv: list[str] | None = None) -> int:
-    from absl import flags
-    from ml_collections import config_flags
+    from wanjax import cli
 
-    argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.key` overrides in sys.argv itself
-    try:
-        config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/lora.py:tiny", flag_values=fv,
-                                        lock_config=True)
-        flags.DEFINE_bool("dry_run", False, "print the resolved config as JSON and exit", flag_values=fv)
-        fv(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: bad command line or config: {_explain_flag_error(e)}", file=sys.stderr)
-        return 2
-    finally:
-        sys.argv = saved_argv
-    if fv.config is None:
-        print("error: --config is required, e.g. --config configs/lora.py:tiny", file=sys.stderr)
-        return 2
-    config = fv.config
-    if fv.dry_run:
+    parsed = cli.parse(argv, dry_run_flag=True)
+    if isinstance(parsed, int):
+        return parsed
+    config, dry_run = parsed
+    if dry_run:
         print(config.to_json_best_effort(indent=2, sort_keys=True))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain narrate every file operation at INFO
+    cli.setup_logging()
     from wanjax.sharding import maybe_initialize_distributed
 
     maybe_initialize_distributed()
@@ -377,19 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         print(json.dumps({"summary": summary}))
     return 0
-
-
-def _explain_flag_error(e: Exception) -> str:
-    if isinstance(e, (AttributeError, KeyError)):
-        import re
-
-        text = str(e)
-        key = re.search(r"[\w.]+", text.replace("\\n", " ").replace("Did you mean", " "))
-        hint = re.search(r'Did you mean "([\w.]+)"', text)
-        name = key.group(0) if key else text
-        suggestion = f"; did you mean {hint.group(1)!r}?" if hint else ""
-        return f"unknown config key {name!r}{suggestion} (run with --dry_run to list every key)"
-    return str(e)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,24 @@ class Context:
     optim: Any  # OptimConfig of the main (student / LoRA) optimizer
     fm: Any  # FlowMatchingConfig
 
+    def lora_spec(self):
+        """The trained adapter's rank / alpha / targets: the `init_lora` file's when starting from one."""
+        from wanjax.losses.flow_matching import LoraSpec
+
+        if self.init_lora is not None:
+            return LoraSpec(rank=self.init_lora.rank, alpha=self.init_lora.alpha, targets=self.init_lora.targets)
+        return LoraSpec(rank=int(self.config.lora_rank), alpha=self.lora_alpha, targets=self.lora_targets)
+
+    def init_lora_params(self, spec, key: jax.Array) -> dict:
+        """Starting LoRA params (float32): the `init_lora` file's, else A random / B zero."""
+        import jax.numpy as jnp
+
+        from wanjax import lora as lora_lib
+
+        if self.init_lora is not None:
+            return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), self.init_lora.params)
+        return lora_lib.init_lora(self.model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:

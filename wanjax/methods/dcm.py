@@ -10,10 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wanjax import lora as lora_lib
 from wanjax import optim
 from wanjax.losses import dcm as dcmlib
-from wanjax.losses import flow_matching as fmlib
 from wanjax.methods import Context, Method
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import transformer_forward
@@ -76,10 +74,7 @@ def build(ctx: Context) -> Method:
     if int(c.gradient_accumulation_steps) != 1:
         raise ValueError("DCM takes one consistency (+ discriminator) update per optimizer step: set "
                          "gradient_accumulation_steps=1")
-    if ctx.init_lora is not None:
-        spec = fmlib.LoraSpec(rank=ctx.init_lora.rank, alpha=ctx.init_lora.alpha, targets=ctx.init_lora.targets)
-    else:
-        spec = fmlib.LoraSpec(rank=int(c.lora_rank), alpha=ctx.lora_alpha, targets=ctx.lora_targets)
+    spec = ctx.lora_spec()
     optimizer = optim.make_optimizer(ctx.optim)
     schedule = optim.make_schedule(ctx.optim)
     layers = dcmlib.feature_layers(ctx.model.num_layers, cfg.head_stride)
@@ -87,9 +82,7 @@ def build(ctx: Context) -> Method:
     disc_opt = discriminator_optimizer(d) if cfg.fine else None
 
     def adapter(key):
-        if ctx.init_lora is not None:
-            return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), ctx.init_lora.params)
-        return lora_lib.init_lora(ctx.model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
+        return ctx.init_lora_params(spec, key)
 
     def init_state(key):
         gen = adapter(key)

@@ -65,19 +65,13 @@ def build(ctx: Context) -> Method:
         logger.warning("distillation_config.%s=%r has no effect: %s", key, d[key], reason)
     if int(c.gradient_accumulation_steps) != 1:
         raise ValueError("DMD steps one generator/critic update per optimizer step: set gradient_accumulation_steps=1")
-    if ctx.init_lora is not None:
-        spec = fmlib.LoraSpec(rank=ctx.init_lora.rank, alpha=ctx.init_lora.alpha, targets=ctx.init_lora.targets)
-    else:
-        spec = fmlib.LoraSpec(rank=int(c.lora_rank), alpha=ctx.lora_alpha, targets=ctx.lora_targets)
+    spec = ctx.lora_spec()
     gen_opt = optim.make_optimizer(ctx.optim)
     crit_opt = critic_optimizer(d)
     schedule = optim.make_schedule(ctx.optim)
 
     def init_state(key):
-        if ctx.init_lora is not None:
-            gen = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), ctx.init_lora.params)
-        else:
-            gen = lora_lib.init_lora(ctx.model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
+        gen = ctx.init_lora_params(spec, key)
         # the critic starts as the teacher (B = 0) and learns the student's distribution
         critic = lora_lib.init_lora(ctx.model, jax.random.fold_in(key, 2), rank=spec.rank, alpha=spec.alpha,
                                     targets=spec.targets).params

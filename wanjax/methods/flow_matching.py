@@ -7,7 +7,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from wanjax import lora as lora_lib
 from wanjax import optim
 from wanjax.losses import flow_matching as fmlib
 from wanjax.methods import Context, Method
@@ -15,18 +14,12 @@ from wanjax.methods import Context, Method
 
 def build(ctx: Context) -> Method:
     c = ctx.config
-    if ctx.init_lora is not None:
-        spec = fmlib.LoraSpec(rank=ctx.init_lora.rank, alpha=ctx.init_lora.alpha, targets=ctx.init_lora.targets)
-    else:
-        spec = fmlib.LoraSpec(rank=int(c.lora_rank), alpha=ctx.lora_alpha, targets=ctx.lora_targets)
+    spec = ctx.lora_spec()
     optimizer = optim.make_optimizer(ctx.optim)
     schedule = optim.make_schedule(ctx.optim)
 
     def init_state(key):
-        if ctx.init_lora is not None:
-            params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), ctx.init_lora.params)
-        else:
-            params = lora_lib.init_lora(ctx.model, key, rank=spec.rank, alpha=spec.alpha, targets=spec.targets).params
+        params = ctx.init_lora_params(spec, key)
         return fmlib.TrainState(step=jnp.zeros((), jnp.int32), lora=params, opt_state=optimizer.init(params),
                                 ema=optim.ema_init(params) if c.use_ema else None,
                                 rng=jax.random.key_data(jax.random.fold_in(key, 1)))

@@ -1,0 +1,49 @@
+"""Command-line handling shared by `python -m wanjax.train` and `python -m wanjax.cache`: a locked ml_collections
+config file with `--config.key=value` overrides, unknown keys refused with a readable message."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+
+def parse(argv: list[str] | None, *, dry_run_flag: bool = False):
+    """(config, dry_run) from the command line, or an exit status (2) after printing the error."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.key` overrides in sys.argv itself
+    try:
+        config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/lora.py:tiny", flag_values=fv,
+                                        lock_config=True)
+        if dry_run_flag:
+            flags.DEFINE_bool("dry_run", False, "print the resolved config as JSON and exit", flag_values=fv)
+        fv(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"error: bad command line or config: {explain_flag_error(e)}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+    if fv.config is None:
+        print("error: --config is required, e.g. --config configs/lora.py:tiny", file=sys.stderr)
+        return 2
+    return fv.config, bool(dry_run_flag and fv.dry_run)
+
+
+def explain_flag_error(e: Exception) -> str:
+    if isinstance(e, (AttributeError, KeyError)):
+        text = str(e)
+        key = re.search(r"[\w.]+", text.replace("\\n", " ").replace("Did you mean", " "))
+        hint = re.search(r'Did you mean "([\w.]+)"', text)
+        name = key.group(0) if key else text
+        suggestion = f"; did you mean {hint.group(1)!r}?" if hint else ""
+        return f"unknown config key {name!r}{suggestion} (run with --dry_run to list every key)"
+    return str(e)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain narrate every file operation at INFO
