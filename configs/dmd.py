@@ -2,6 +2,12 @@
 
     python -m wanjax.train --config configs/dmd.py          # Wan2.1-T2V-1.3B, the seed's settings
     python -m wanjax.train --config configs/dmd.py:tiny     # tiny random pipeline + sample cache, CPU
+    python -m wanjax.train --config configs/dmd.py:tiny_prompts   # the same from a prompt list alone (no videos)
+
+DMD needs prompts, not videos: a dataset list with a `prompts` entry (wanjax/data/sources.py), e.g.
+    [{"id": "prompts", "dataset_type": "prompts", "prompts_file": "prompts.txt", "width": 832, "height": 480,
+      "num_frames": 81}]
+is cached as prompt embeddings plus the latent shape of that clip size, and the student generates at that shape.
 """
 
 import os
@@ -10,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import DEFAULT_MODEL, base_config  # noqa: E402
 
-VARIANTS = ("", "tiny")
+VARIANTS = ("", "tiny", "tiny_prompts")
 
 
 def get_config(arg=None):
@@ -48,7 +54,7 @@ def get_config(arg=None):
     c.tracker_run_name = "wan-DMD-3step"
     c.model.remat_policy = "full"
 
-    if arg == "tiny":
+    if arg in ("tiny", "tiny_prompts"):
         c.tiny_assets_dir = "cache/tiny-wan"
         c.pretrained_model_name_or_path = "cache/tiny-wan/pipeline"
         c.cache_dir = "cache/tiny-wan/latents"
@@ -68,4 +74,8 @@ def get_config(arg=None):
         c.tracker_run_name = "tiny-dmd"
         c.distillation_config.fake_score_lr = 1e-3
         c.distillation_config.generator_update_interval = 2
+    if arg == "tiny_prompts":
+        c.data_backend_config = "cache/tiny-wan/videos/prompts-backend.json"
+        c.cache_dir = "output/tiny-dmd-prompts/cache"
+        c.output_dir = "output/tiny-dmd-prompts"
     return c

@@ -484,3 +484,58 @@ if __name__ == "__main__":  # a worker of test_two_processes_match_one: python t
     maybe_initialize_distributed()
     rep = build_cache(ConfigDict(json.loads(sys.argv[1])), encoders=fake_encoders())
     print(json.dumps({"encoded": rep.encoded_here}))
+
+
+# -- prompts datasets (DMD: prompts, no videos) ----------------------------------------------------------------
+def test_prompts_dataset_caches_embeddings_and_latent_shape_only(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat boxing\n\n  a dog surfing  \nrain on a window\n")
+    (tmp_path / "lib.json").write_text(json.dumps({"cat": "a cat boxing", "sea": "waves at dusk"}))
+    backends = [
+        {"id": "txt", "dataset_type": "prompts", "prompts_file": str(tmp_path / "p.txt"), "width": 48, "height": 32,
+         "num_frames": 9, "repeats": 1, "crop": True},
+        {"id": "lib", "dataset_type": "prompts", "prompts_file": str(tmp_path / "lib.json"), "width": 32,
+         "height": 32, "num_frames": 5},
+    ]
+    (tmp_path / "db.json").write_text(json.dumps(backends))
+    out = tmp_path / "cache"
+    report = build_cache(make_config(tmp_path / "db.json", out), encoders=fake_encoders())
+    assert report.cached == 5
+    assert {(n["dataset"], n["key"]) for n in report.notes} == {("txt", "crop")}  # reported, not dropped
+    man = records.read_manifest(out)
+    assert man.prompt_only == ["lib", "txt"]
+    assert man.buckets == {"16x3x4x6": 3, "16x2x4x4": 2}  # (C, (F-1)//4+1, H/8, W/8)
+    recs = read_records(out)
+    assert sorted(r["caption"] for r in recs.values()) == sorted(
+        ["a cat boxing", "a dog surfing", "rain on a window", "a cat boxing", "waves at dusk"])
+    for r in recs.values():
+        assert "latents" not in r
+        want, n = fake_text([r["caption"]])
+        np.testing.assert_array_equal(bits(r["prompt_embeds"][: n[0]]),
+                                      bits(want[0, : n[0]].astype(ml_dtypes.bfloat16)))
+    batches = list(make_batch_iterator(out, global_batch_size=1, seed=0, num_epochs=1))
+    assert len(batches) == 3 * 2 + 2  # repeats 1 on "txt"
+    for b in batches:
+        k = str(b["keys"][0])
+        assert b["latents"].shape == (1, *recs[k]["latent_shape"]) and not b["latents"].any()
+
+
+def test_prompts_dataset_errors(tmp_path):
+    def parse(entry):
+        (tmp_path / "db.json").write_text(json.dumps([{"id": "p", "dataset_type": "prompts", **entry}]))
+        return sources.read_datasets(tmp_path / "db.json")
+
+    with pytest.raises(sources.DatasetConfigError, match="needs prompts_file"):
+        parse({})
+    with pytest.raises(sources.DatasetConfigError, match="num_frames=10: Wan clips have 4k\\+1 frames"):
+        parse({"prompts_file": "x.txt", "num_frames": 10})
+    with pytest.raises(sources.DatasetConfigError, match="width='wide' is not an integer"):
+        parse({"prompts_file": "x.txt", "width": "wide"})
+    (tmp_path / "bad.json").write_text(json.dumps(["ok", "", 3]))
+    with pytest.raises(sources.DatasetConfigError, match=r"bad.json.*entries \[1, 2\] are not non-empty strings"):
+        sources.discover(parse({"prompts_file": str(tmp_path / "bad.json")})[0])
+    with pytest.raises(sources.DatasetConfigError, match="missing.txt.*not readable"):
+        sources.discover(parse({"prompts_file": str(tmp_path / "missing.txt")})[0])
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    with pytest.raises(CacheConfigError, match="height=40, width=48 must be multiples of 16"):
+        build_cache(make_config(tmp_path / "db.json", tmp_path / "c"), encoders=fake_encoders()) if parse(
+            {"prompts_file": str(tmp_path / "p.txt"), "height": 40, "width": 48}) else None

@@ -241,3 +241,26 @@ def test_dmd_tiny_trains_logs_and_resumes_exactly(assets, tmp_path):
         b = lora_lib.load_lora(tmp_path / "split" / f"{name}.safetensors")
         for x, y in zip(__import__("jax").tree_util.tree_leaves(a.params), __import__("jax").tree_util.tree_leaves(b.params)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_dmd_from_prompts_alone(assets, tmp_path):
+    """configs/dmd.py:tiny_prompts: a prompt list (no videos) is cached as embeddings + a latent shape and DMD
+    trains on it; LoRA flow matching refuses that cache before any compute."""
+    c = _get_config("dmd", "tiny_prompts")
+    c.tiny_assets_dir, c.pretrained_model_name_or_path = str(assets), str(assets / "pipeline")
+    c.data_backend_config = str(assets / "videos" / "prompts-backend.json")
+    c.cache_dir, c.output_dir, c.max_train_steps = str(tmp_path / "cache"), str(tmp_path / "out"), 2
+    run(c)
+    from wanjax.data import records
+
+    man = records.read_manifest(tmp_path / "cache")
+    assert man.prompt_only == ["tiny-prompts"] and man.buckets == {"16x3x4x6": 6}  # 6 prompts of 48x32x9
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and np.isfinite(rows[0]["dmd_loss"]) and all(np.isfinite(r["fake_score_loss"]) for r in rows)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+    lora = tiny_config(assets, tmp_path / "lora")
+    lora.cache_dir = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"datasets \['tiny-prompts'\] are prompts only .*LoRA flow matching trains "
+                                          "on real latents"):
+        run(lora)

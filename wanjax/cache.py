@@ -20,6 +20,10 @@ Determinism: with one clip per device (vae_batch_size 1) and text_encoder_batch_
 same program whatever its neighbours, so any process count gives bit-identical records. Larger per-device batches
 are faster but XLA may pick other kernels for them (e.g. CPU convolutions differ in the last bits at batch 8 vs 1).
 
+Prompts datasets (`dataset_type: "prompts"`, for DMD): each prompt becomes a record with its embedding and the latent
+shape of the configured clip size, no latents; the manifest marks the dataset `"latents": false`, and the trainer
+refuses such a cache for methods that train on real latents.
+
 Resume: a rerun (with any process count) skips the keys of every done-list and retries skipped files (they may have
 been fixed); a crash loses at most the chunk in flight (its `.partial` shard is deleted on restart; a shard renamed
 but without its done-list is redone and the orphan removed at the merge). Settings
@@ -205,6 +209,11 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
         encoders = load_encoders(resolve_model(config)[0], vae_batch_size=opts.vae_batch_size,
                                  text_batch_size=opts.text_batch_size)
     datasets = sources.with_alignment(datasets, 2 * encoders.spatial_factor)
+    for d in datasets:
+        if d.type == "prompts" and any(x % (2 * encoders.spatial_factor) for x in d.prompt_size[1:]):
+            raise CacheConfigError(f"dataset {d.id}: height={d.prompt_size[1]}, width={d.prompt_size[2]} must be "
+                                   f"multiples of {2 * encoders.spatial_factor} (the VAE's {encoders.spatial_factor}x "
+                                   "downsampling times the transformer's 2x2 patch)")
     work = cache_dir / PROGRESS_DIR
     work.mkdir(parents=True, exist_ok=True)
     _check_settings(work, _settings(datasets, encoders, opts), write=p == 0)
@@ -343,9 +352,19 @@ class _Worker:
                 self._chunk(items[start : start + self.opts.shard_size])
         return self.encoded
 
+    def _latent_shape(self, ds: sources.DatasetSpec) -> tuple[int, int, int, int]:
+        """The latent shape a prompts dataset's clip size gives (what the VAE would produce for it)."""
+        f, h, w = ds.prompt_size
+        sf = self.enc.spatial_factor
+        return self.enc.latent_channels, latent_frames(f), h // sf, w // sf
+
     def _chunk(self, chunk: list[sources.Item]) -> None:
         pending: dict[tuple, list] = collections.defaultdict(list)
         skips = len(self.progress.skipped)
+        prompts = [it for it in chunk if self.datasets[it.dataset].type == "prompts"]
+        for item in prompts:  # nothing to decode: text only, with the configured latent shape
+            self.texts.append((item, item.caption, self._latent_shape(self.datasets[item.dataset])))
+        chunk = [it for it in chunk if self.datasets[it.dataset].type != "prompts"]
         for item, result in sources.load_many(chunk, self.datasets, self.opts.threads):
             if isinstance(result, Skip):
                 self._skip(item, result)
@@ -384,8 +403,13 @@ class _Worker:
             batch, self.texts = self.texts[:tb], self.texts[tb:]
             emb, lengths = _encode_prompts(self.enc, [c for _, c, _ in batch])
             for (item, caption, lat), e, n in zip(batch, emb, lengths):
-                self.writer.add({"key": item.key, "dataset": item.dataset, "caption": caption,
-                                 "latents": lat.astype(self.dtype), "prompt_embeds": e[:n].astype(self.dtype)})
+                example = {"key": item.key, "dataset": item.dataset, "caption": caption,
+                           "prompt_embeds": e[:n].astype(self.dtype)}
+                if isinstance(lat, tuple):  # a prompts dataset: the latent shape only
+                    example["latent_shape"] = lat
+                else:
+                    example["latents"] = lat.astype(self.dtype)
+                self.writer.add(example)
                 self.encoded += 1
                 self.bar.update(1)
 
@@ -434,6 +458,7 @@ def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encod
         report.manifest = records.write_manifest(
             cache_dir, shards, latent_channels=enc.latent_channels, text_dim=enc.text_dim, text_len=enc.text_len,
             datasets={d.id: d.repeats for d in datasets},
+            prompt_only=[d.id for d in datasets if d.type == "prompts"],
             source={"generator": "wanjax.cache", "encoders": enc.name, "cache_dtype": opts.dtype,
                     "data_backend_config": str(config.data_backend_config)})
     if report.stale:

@@ -4,7 +4,8 @@
   dir/pipeline/  model_index.json, transformer/ (random tiny Wan transformer), vae/ (random tiny Wan2.1 VAE),
                  text_encoder/ (random tiny UMT5), tokenizer/ (trained offline), scheduler/: diffusers layout
   dir/videos/    generated clips of two sizes with .txt captions, and multidatabackend.json listing them
-                 (SimpleTuner's dataset-list format): what the caching job reads
+                 (SimpleTuner's dataset-list format): what the caching job reads; prompts.txt and
+                 prompts-backend.json (a `prompts` dataset: DMD from prompts alone)
   dir/latents/   a ready wanjax cache of random latents + prompt embeddings in two latent-shape buckets, and the
                  empty-prompt embedding (for fast tests that skip caching)
 Used by `configs/*.py:tiny` and the tests; no hub, no torch.
@@ -44,7 +45,7 @@ SCHEDULER_CONFIG = {
     "steps_offset": 0, "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None,
     "use_beta_sigmas": False, "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False,
 }
-VERSION = "3"
+VERSION = "4"
 
 
 def build_pipeline(directory: Path, seed: int = 0) -> None:
@@ -119,6 +120,11 @@ def build_videos(directory: Path, final: Path, seed: int = 0, per_size: int = 8)
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True},
     ]
     (directory / "multidatabackend.json").write_text(json.dumps(backends, indent=2))
+    # DMD from prompts alone: a prompt list and a `prompts` dataset generating 48x32 clips of 9 frames
+    (directory / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
+    prompts = [{"id": "tiny-prompts", "dataset_type": "prompts", "prompts_file": str((final / "prompts.txt").absolute()),
+                "width": 48, "height": 32, "num_frames": 9, "repeats": 1}]
+    (directory / "prompts-backend.json").write_text(json.dumps(prompts, indent=2))
 
 
 def ensure_assets(directory: str | os.PathLike) -> Path:

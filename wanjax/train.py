@@ -183,6 +183,13 @@ def resolve(config) -> Resolved:
             raise ConfigError(f"distillation_config: {e}") from None
         if config.gradient_accumulation_steps != 1:
             raise ConfigError("DCM updates the student once per optimizer step: set gradient_accumulation_steps=1")
+    if manifest.prompt_only:
+        dmd_prompts = method == "dmd" and not float(config.distillation_config.flow_matching_weight) > 0
+        if not dmd_prompts:
+            why = ("distillation_config.flow_matching_weight > 0 trains on real latents" if method == "dmd"
+                   else f"{'LoRA flow matching' if method == 'lora' else 'DCM'} trains on real latents")
+            raise ConfigError(f"cache_dir={config.cache_dir!r}: datasets {manifest.prompt_only} are prompts only (no "
+                              f"latents); {why}. Prompt-only caches are for DMD (distillation_method='dmd').")
     return Resolved(path, sub, DTYPES[config.mixed_precision], reader, manifest, targets, alpha, init, optim_cfg, fm,
                     iterator, method)
 

@@ -136,6 +136,9 @@ class _Collate:
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
+        if any("latent_shape" in e for e in examples):  # prompt-only records: DMD reads only the latents' shape
+            examples = [{**e, "latents": np.zeros(e["latent_shape"], self.dtype)} if "latent_shape" in e else e
+                        for e in examples]
         for name in ("latents", "prompt_embeds", "image_embeds"):
             have = [name in e for e in examples]
             if not any(have):

@@ -17,7 +17,9 @@ Record format (version 1): each ArrayRecord record is one safetensors blob -- 8-
 JSON header padded with spaces to 8 bytes, raw little-endian tensor bytes -- so any record written to a file opens
 with any safetensors reader. `__metadata__` = {"format": "wanjax-record-1", "key", "dataset", "caption"}; tensors
 `latents` (C, F, H, W), `prompt_embeds` (T, D) with T the prompt's true token count (the zero padding up to
-`text_len` is not stored; readers pad it back with exact zeros), optional `image_embeds`. Tensors keep the dtype
+`text_len` is not stored; readers pad it back with exact zeros), optional `image_embeds`. A prompt-only record
+(a `prompts` dataset, for DMD) has no `latents`; its `__metadata__` carries `latent_shape` ("CxFxHxW") instead,
+and readers give it as `latent_shape`. Tensors keep the dtype
 they were given (float32 / float16 / bfloat16 ...), so reads are bit-exact.
 """
 
@@ -61,6 +63,23 @@ def bucket_shape(key: str) -> tuple[int, ...]:
     return tuple(int(s) for s in key.split("x"))
 
 
+def check_example(example: Mapping[str, Any], *, latent_channels: int, text_dim: int, text_len: int
+                  ) -> tuple[tuple[int, ...], np.ndarray | None, np.ndarray]:
+    """(latent shape, latents or None, prompt_embeds) of an example to write; ValueError naming its key."""
+    key = example.get("key")
+    emb = np.asarray(example.get("prompt_embeds"))
+    if emb.ndim != 2 or emb.shape[1] != text_dim or emb.shape[0] > text_len:
+        raise ValueError(f"{key}: prompt_embeds must be (T<={text_len}, D={text_dim}), got {emb.shape}")
+    if example.get("latents") is None and example.get("latent_shape") is not None:
+        lat, shape = None, tuple(int(x) for x in example["latent_shape"])
+    else:
+        lat = np.asarray(example.get("latents"))
+        shape = lat.shape
+    if len(shape) != 4 or shape[0] != latent_channels or min(shape) < 1:
+        raise ValueError(f"{key}: latents must be (C={latent_channels}, F, H, W), got {shape}")
+    return shape, lat, emb
+
+
 # -- one record --------------------------------------------------------------------------------------------
 def encode_record(example: Mapping[str, Any]) -> bytes:
     """Serialize one example (see module docstring) to the bytes of one record."""
@@ -69,6 +88,10 @@ def encode_record(example: Mapping[str, Any]) -> bytes:
         if not isinstance(example.get(name), str):
             raise ValueError(f"example field {name!r} must be a str, got {type(example.get(name)).__name__}")
         meta[name] = example[name]
+    if example.get("latents") is None:
+        if example.get("latent_shape") is None:
+            raise ValueError(f"{example['key']}: an example needs latents or, prompt-only, a latent_shape")
+        meta["latent_shape"] = bucket_key(example["latent_shape"])
     header: dict[str, Any] = {"__metadata__": meta}
     arrays, offset = [], 0
     for name in _TENSORS:
@@ -94,6 +117,8 @@ def decode_record(raw: bytes, *, text_len: int | None = None) -> dict[str, Any]:
         if meta.get("format") != RECORD_FORMAT:
             raise ValueError(f"record format {meta.get('format')!r}, expected {RECORD_FORMAT!r}")
         out: dict[str, Any] = {k: meta[k] for k in ("key", "dataset", "caption")}
+        if "latent_shape" in meta:
+            out["latent_shape"] = bucket_shape(meta["latent_shape"])
         for name, info in header.items():
             dt, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
             begin, end = info["data_offsets"]
@@ -117,6 +142,7 @@ def decode_record(raw: bytes, *, text_len: int | None = None) -> dict[str, Any]:
 class DatasetInfo:
     repeats: int  # SimpleTuner semantics: each item is seen repeats + 1 times per epoch
     items: int
+    latents: bool = True  # False: a prompts dataset (records hold prompt embeddings and a latent shape only)
 
 
 @dataclass(frozen=True)
@@ -135,6 +161,11 @@ class Manifest:
     @property
     def path(self) -> Path:
         return self.directory / MANIFEST
+
+    @property
+    def prompt_only(self) -> list[str]:
+        """Datasets whose records have no latents (prompts datasets)."""
+        return sorted(k for k, d in self.datasets.items() if not d.latents and d.items)
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:
@@ -159,7 +190,8 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             latent_channels=int(m["latent_channels"]),
             text_dim=int(m["text_dim"]),
             text_len=int(m["text_len"]),
-            datasets={k: DatasetInfo(int(v["repeats"]), int(v["items"])) for k, v in m["datasets"].items()},
+            datasets={k: DatasetInfo(int(v["repeats"]), int(v["items"]), bool(v.get("latents", True)))
+                      for k, v in m["datasets"].items()},
             buckets={str(k): int(v["count"]) for k, v in m["buckets"].items()},
             shards=tuple(str(s) for s in m["shards"]),
             shard_items=tuple(int(n) for n in m["shard_items"]),
@@ -258,6 +290,7 @@ class CacheWriter:
         self._bucket: list[int] = []
         self._dataset: list[int] = []
         self._shard_items: list[int] = []
+        self._prompt_only: set[str] = set()
         self._writer: ArrayRecordWriter | None = None
         self._closed = False
 
@@ -270,14 +303,13 @@ class CacheWriter:
         if self._closed:
             raise ValueError("CacheWriter is closed")
         key = example.get("key")
-        lat, emb = np.asarray(example.get("latents")), np.asarray(example.get("prompt_embeds"))
-        if lat.ndim != 4 or lat.shape[0] != self.latent_channels:
-            raise ValueError(f"{key}: latents must be (C={self.latent_channels}, F, H, W), got {lat.shape}")
-        if emb.ndim != 2 or emb.shape[1] != self.text_dim or emb.shape[0] > self.text_len:
-            raise ValueError(f"{key}: prompt_embeds must be (T<={self.text_len}, D={self.text_dim}), got {emb.shape}")
+        shape, lat, emb = check_example(example, latent_channels=self.latent_channels, text_dim=self.text_dim,
+                                        text_len=self.text_len)
         if key in self._keys:
             raise ValueError(f"duplicate key {key!r}")
-        raw = encode_record({**example, "latents": lat, "prompt_embeds": emb})
+        raw = encode_record({**example, "latents": lat, "latent_shape": shape, "prompt_embeds": emb})
+        if lat is None:
+            self._prompt_only.add(example["dataset"])
         if self._writer is None:
             self._writer = ArrayRecordWriter(str(self._partial(len(self._shard_items))), _WRITER_OPTIONS)
             self._shard_items.append(0)
@@ -287,7 +319,7 @@ class CacheWriter:
             self._close_shard()
         self._keys.add(key)
         self._order.append(key)
-        self._bucket.append(self._bucket_ids.setdefault(bucket_key(lat.shape), len(self._bucket_ids)))
+        self._bucket.append(self._bucket_ids.setdefault(bucket_key(shape), len(self._bucket_ids)))
         self._dataset.append(self._dataset_ids.setdefault(example["dataset"], len(self._dataset_ids)))
         return len(self._bucket) - 1
 
@@ -318,7 +350,8 @@ class CacheWriter:
                                     tuple(ds_names[self._dataset[i]] for i in rows)))
             start += count
         return write_manifest(self.directory, shards, latent_channels=self.latent_channels, text_dim=self.text_dim,
-                              text_len=self.text_len, datasets=datasets, source=source)
+                              text_len=self.text_len, datasets=datasets, source=source,
+                              prompt_only=self._prompt_only)
 
 
 @dataclass(frozen=True)
@@ -344,10 +377,10 @@ class ShardInfo:
 
 def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *, latent_channels: int, text_dim: int,
                    text_len: int, datasets: Mapping[str, int] | None = None,
-                   source: Mapping[str, Any] | None = None) -> Manifest:
+                   source: Mapping[str, Any] | None = None, prompt_only: Sequence[str] = ()) -> Manifest:
     """Make `directory` a complete cache over `shards` (files already complete, in this global record order):
     writes index.safetensors, then manifest.json last (atomically). Keys must be unique across shards.
-    `datasets`: id -> repeats, as for `CacheWriter.close`."""
+    `datasets`: id -> repeats, as for `CacheWriter.close`; `prompt_only`: ids of datasets without latents."""
     directory = Path(directory)
     seen: set[str] = set()
     for s in shards:
@@ -371,7 +404,8 @@ def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *,
     manifest = {
         "format": FORMAT, "version": VERSION,
         "latent_channels": latent_channels, "text_dim": text_dim, "text_len": text_len,
-        "datasets": {k: {"repeats": int(repeats.get(k, 0)), "items": ds_items.get(k, 0)}
+        "datasets": {k: {"repeats": int(repeats.get(k, 0)), "items": ds_items.get(k, 0),
+                         "latents": k not in set(prompt_only)}
                      for k in sorted(set(ds_names) | set(repeats))},
         "buckets": {k: {"count": b_items[k]} for k in sorted(buckets)},
         "shards": [s.name for s in shards], "shard_items": [len(s.keys) for s in shards], "items": len(bucket),
@@ -403,16 +437,13 @@ class ShardWriter:
 
     def add(self, example: Mapping[str, Any]) -> None:
         key = example.get("key")
-        lat, emb = np.asarray(example.get("latents")), np.asarray(example.get("prompt_embeds"))
-        if lat.ndim != 4 or lat.shape[0] != self.latent_channels:
-            raise ValueError(f"{key}: latents must be (C={self.latent_channels}, F, H, W), got {lat.shape}")
-        if emb.ndim != 2 or emb.shape[1] != self.text_dim or emb.shape[0] > self.text_len:
-            raise ValueError(f"{key}: prompt_embeds must be (T<={self.text_len}, D={self.text_dim}), got {emb.shape}")
-        raw = encode_record({**example, "latents": lat, "prompt_embeds": emb})
+        shape, lat, emb = check_example(example, latent_channels=self.latent_channels, text_dim=self.text_dim,
+                                        text_len=self.text_len)
+        raw = encode_record({**example, "latents": lat, "latent_shape": shape, "prompt_embeds": emb})
         if self._writer is None:
             self._writer = ArrayRecordWriter(str(self.directory / (self.name(self.seq) + ".partial")), _WRITER_OPTIONS)
         self._writer.write(raw)
-        self._rows.append((key, bucket_key(lat.shape), example["dataset"]))
+        self._rows.append((key, bucket_key(shape), example["dataset"]))
         if len(self._rows) == self.shard_size:
             self.flush()
 

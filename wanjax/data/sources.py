@@ -22,6 +22,10 @@ Sources:
   ("video": uint8 (F, H, W, 3) frames, or the bytes of a video file), `caption_key` ("caption"). Read with
   `tfds.data_source`, which needs no tensorflow for array_record datasets with Tensor / Text features
   (`tfds.features.Video` itself imports tensorflow). `pip install tensorflow-datasets` if missing.
+- `dataset_type: "prompts"` (wanjax; for DMD, which needs prompts, not videos): `prompts_file` (a .txt with one
+  prompt per non-empty line, a .json list of prompts or {nickname: prompt} prompt library, or a .jsonl of objects
+  with `caption` / `prompt` / `text`) and the clip size the student generates at: `width`, `height`, `num_frames`
+  (4k+1; defaults 832 x 480 x 81). Cached as records with prompt embeddings and a latent shape, without latents.
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class DatasetSpec:
     parquet: dict = field(default_factory=dict)
     max_num_samples: int | None = None
     tfds: dict = field(default_factory=dict)  # name, split, data_dir, video_key, caption_key
+    prompts_file: str | None = None  # type "prompts": the prompt list
+    prompt_size: tuple[int, int, int] | None = None  # type "prompts": (num_frames, height, width) in pixels
 
     def fingerprint(self) -> dict[str, Any]:
         """What shapes the latents and captions of an item (not repeats or the item subset)."""
@@ -165,7 +171,7 @@ def read_datasets(spec: str | os.PathLike, defaults: Mapping[str, Any] | None = 
     if dup:
         raise DatasetConfigError(f"{spec}: dataset ids {dup} are used more than once")
     if not datasets:
-        raise DatasetConfigError(f"{spec}: no enabled video or image dataset")
+        raise DatasetConfigError(f"{spec}: no enabled video, image or prompts dataset")
     return datasets, notes
 
 
@@ -179,7 +185,7 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
         for k in e:
             _note(notes, name, k, _TEXT_EMBEDS_NOTE)
         return None
-    if dtype not in ("video", "image"):
+    if dtype not in ("video", "image", "prompts"):
         _note(notes, name, "dataset_type", f"{dtype!r} datasets are not used by wanjax caching; entry skipped")
         return None
     if disabled:
@@ -187,6 +193,8 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
         return None
     if not did:
         raise DatasetConfigError(f"{name}: a {dtype} dataset needs an 'id'")
+    if dtype == "prompts":
+        return _parse_prompts_entry(did, e, notes)
     kind = e.pop("type", "local")
     video = dict(e.pop("video", None) or {})
     for k in _VIDEO_KEYS:  # dmd-dataset.json style: video options at the top level
@@ -269,12 +277,92 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
     return DatasetSpec(**out)
 
 
+_PROMPT_SIZE_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832}
+
+
+def _parse_prompts_entry(did: str, e: dict, notes: list) -> DatasetSpec:
+    """A `dataset_type: "prompts"` entry: prompts_file + the generated clip size (see the module docstring)."""
+    if not e.get("prompts_file"):
+        raise DatasetConfigError(f"{did}: a prompts dataset needs prompts_file (a .txt, .json or .jsonl of prompts)")
+    size = []
+    for k, default in _PROMPT_SIZE_DEFAULTS.items():
+        v = e.pop(k, default)
+        try:
+            v = int(v)
+        except (TypeError, ValueError):
+            raise DatasetConfigError(f"{did}: {k}={v!r} is not an integer") from None
+        if v < 1:
+            raise DatasetConfigError(f"{did}: {k}={v} must be >= 1")
+        size.append(v)
+    if (size[0] - 1) % 4:
+        raise DatasetConfigError(f"{did}: num_frames={size[0]}: Wan clips have 4k+1 frames (e.g. 81, 121)")
+    kind = e.pop("type", "local")
+    if kind != "local":
+        _note(notes, did, "type", f"{kind!r}: a prompts dataset reads its local prompts_file")
+    nums = {}
+    for k, default in (("repeats", 0), ("max_num_samples", None)):
+        v = e.pop(k, default)
+        try:
+            nums[k] = None if v is None else int(v)
+        except (TypeError, ValueError):
+            raise DatasetConfigError(f"{did}: {k}={v!r} is not an integer") from None
+    if nums["repeats"] < 0:
+        raise DatasetConfigError(f"{did}: repeats={nums['repeats']} must be >= 0")
+    out = DatasetSpec(id=did, type="prompts", clip=ClipSpec(), repeats=nums["repeats"],
+                      max_num_samples=nums["max_num_samples"], prompts_file=str(e.pop("prompts_file")),
+                      prompt_size=(size[0], size[1], size[2]))
+    for k in e:
+        _note(notes, did, k, "not an option of a prompts dataset (prompts_file, width, height, num_frames, repeats, "
+                             "max_num_samples)")
+    return out
+
+
+def read_prompts(path: str | os.PathLike, what: str = "prompts_file") -> list[str]:
+    """Prompts from a .txt (one per non-empty line), .json (a list, or {nickname: prompt}) or .jsonl file (objects
+    with caption / prompt / text), in file order."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetConfigError(f"{what}={os.fspath(path)!r}: not readable ({err})") from None
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+            items = list(data.values()) if isinstance(data, dict) else data
+            if not isinstance(items, list):
+                raise ValueError("expected a list of prompts or an object {nickname: prompt}")
+        elif p.suffix == ".jsonl":
+            items = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                keys = [k for k in ("caption", "prompt", "text") if isinstance(row, dict) and k in row]
+                if not keys:
+                    raise ValueError(f"line {n}: expected an object with caption, prompt or text")
+                items.append(row[keys[0]])
+        else:
+            items = [line.strip() for line in text.splitlines() if line.strip()]
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise DatasetConfigError(f"{what}={os.fspath(path)!r}: {err}") from None
+    bad = [i for i, x in enumerate(items) if not isinstance(x, str) or not x.strip()]
+    if bad:
+        raise DatasetConfigError(f"{what}={os.fspath(path)!r}: entries {bad[:5]} are not non-empty strings")
+    if not items:
+        raise DatasetConfigError(f"{what}={os.fspath(path)!r}: no prompts")
+    return [x.strip() for x in items]
+
+
 # -- discovery ------------------------------------------------------------------------------------------------
 def discover(datasets: list[DatasetSpec]) -> Discovery:
     """All candidate items, datasets in order, each dataset's files sorted by relative path."""
     found = Discovery([], {}, [])
     for ds in datasets:
-        if ds.type == "tfds":
+        if ds.type == "prompts":
+            prompts = read_prompts(ds.prompts_file, f"{ds.id}: prompts_file")
+            cands = [Item(f"{ds.id}/{i:08d}", ds.id, None, p, i) for i, p in enumerate(prompts)]
+            found.items.extend(_subset(cands, ds))
+        elif ds.type == "tfds":
             n = len(_tfds_source(ds))
             cands = [Item(f"{ds.id}/{ds.tfds['split']}/{i:08d}", ds.id, None, None, i) for i in range(n)]
             found.items.extend(_subset(cands, ds))

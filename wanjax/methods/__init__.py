@@ -53,7 +53,6 @@ class Method:
     frozen: Any  # non-trainable step input (base params, embeddings); not donated, not checkpointed
     exports: Callable[[Any, bool], dict[str, Any]]  # (state, final) -> {file stem: LoraWeights}
     meta: dict  # JSON recorded with every checkpoint (adapter shapes for export_lora.py)
-    needs_latents: bool = True  # False: batches of prompt embeddings alone suffice (DMD)
     loss_key: str = "loss"  # the metric summarised as the run's losses
 
 
