@@ -9,6 +9,19 @@ from wanjax.models.vae import VaeConfig, vae_decode, vae_encode
 from wanjax.text_io import encode_prompts, load_text_encoder
 from wanjax.transformer_io import load_transformer, save_transformer
 from wanjax.vae_io import load_vae, save_vae
+from wanjax.video_out import to_uint8_frames, write_mp4
+
+
+def __getattr__(name):
+    # `wanjax.sample` (the callable sampling module, see wanjax/sample.py) is imported on first use rather than
+    # here: importing it eagerly would put it in sys.modules before `python -m wanjax.sample` runs it as
+    # __main__, which makes runpy warn about a double import.
+    if name == "sample":
+        import importlib
+
+        return importlib.import_module("wanjax.sample")
+    raise AttributeError(f"module 'wanjax' has no attribute {name!r}")
+
 
 __all__ = [
     "LoraWeights",
@@ -25,11 +38,14 @@ __all__ = [
     "lora",
     "merge_lora",
     "param_shapes",
+    "sample",
     "save_lora",
     "save_transformer",
     "save_vae",
+    "to_uint8_frames",
     "transformer_forward",
     "umt5_encode",
     "vae_decode",
     "vae_encode",
+    "write_mp4",
 ]
