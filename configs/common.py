@@ -47,6 +47,25 @@ def base_config() -> ConfigDict:
     c.validation_negative_prompt = placeholder(str)  # also the unconditional prompt of distillation CFG
     c.validation_prompt_library = placeholder(str)  # JSON file {nickname: prompt}
 
+    # -- validation videos during training (wanjax/validation.py) ----------------------------------------
+    c.validation_step_interval = 0  # 0: off
+    c.validation_guidance = 5.0  # CFG of the validation sampler (students: > 1 adds CFG to the student)
+    c.validation_num_inference_steps = 30  # LoRA runs (students take their own step count)
+    c.validation_num_video_frames = 81
+    c.validation_resolution = "832x480"  # "WxH", an int (square), or a comma-separated list
+    c.validation_seed = placeholder(int)  # None: seed
+    c.ema_validation = "comparison"  # none | ema_only | comparison (when use_ema)
+    c.validation_scheduler = "unipc"  # unipc (WanPipeline's) | euler
+    c.validation_flow_shift = placeholder(float)  # None: the pipeline's scheduler_config flow_shift
+    c.validation_fps = 16
+
+    # -- hub (wanjax/hub.py): without network or token it says so once and training goes on ----------------
+    c.push_to_hub = False
+    c.push_checkpoints_to_hub = False
+    c.hub_model_id = placeholder(str)  # None: tracker_project_name (as SimpleTuner)
+    c.hub_private = False
+    c.model_card_note = placeholder(str)
+
     # -- flow matching ---------------------------------------------------------------------------------
     c.flow_schedule_shift = 3.0
     c.flow_schedule_auto_shift = False

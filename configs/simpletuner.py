@@ -35,7 +35,9 @@ SAME = {k: k for k in (
     "flow_use_uniform_schedule", "flow_use_beta_schedule", "flow_beta_schedule_alpha", "flow_beta_schedule_beta",
     "flow_sigmoid_scale", "prodigy_steps", "data_backend_config", "resume_from_checkpoint", "mixed_precision",
     "vae_batch_size", "resolution", "resolution_type", "minimum_image_size", "validation_prompt",
-    "validation_negative_prompt", "distillation_method",
+    "validation_negative_prompt", "distillation_method", "validation_seed", "validation_step_interval",
+    "validation_resolution", "validation_guidance", "validation_num_inference_steps", "validation_num_video_frames",
+    "ema_validation", "push_to_hub", "push_checkpoints_to_hub", "hub_model_id", "model_card_note",
 )}
 SAME["lora_target_modules"] = "lora_target_modules"
 
@@ -55,17 +57,10 @@ NO_EFFECT = {
     "ignore_final_epochs": "training stops at max_train_steps; there is no epoch-tail handling",
     "pretrained_t5_model_name_or_path": "text embeddings come from the cache (encoded from the pipeline's text encoder)",
     "lycoris_config": "LyCORIS adapters are not supported; only standard LoRA (lora_type=standard)",
-    "ema_validation": "validation during training is not implemented yet",
-    "validation_guidance_skip_layers": "validation during training is not implemented yet",
-    "validation_guidance_skip_layers_start": "validation during training is not implemented yet",
-    "validation_guidance_skip_layers_stop": "validation during training is not implemented yet",
-    "hub_model_id": "hub upload is not implemented yet; the LoRA is written to output_dir",
-    "push_to_hub": "hub upload is not implemented yet; the LoRA is written to output_dir",
-    "push_checkpoints_to_hub": "hub upload is not implemented yet; the LoRA is written to output_dir",
+    "validation_guidance_skip_layers": "skip-layer guidance is not implemented; validation uses plain CFG",
+    "validation_guidance_skip_layers_start": "skip-layer guidance is not implemented; validation uses plain CFG",
+    "validation_guidance_skip_layers_stop": "skip-layer guidance is not implemented; validation uses plain CFG",
 }
-for _k in ("validation_seed", "validation_step_interval", "validation_resolution", "validation_guidance",
-           "validation_num_inference_steps", "validation_num_video_frames"):
-    NO_EFFECT[_k] = "validation during training is not implemented yet"
 
 
 def convert(data: dict) -> tuple[dict, dict]:

@@ -442,9 +442,12 @@ def test_dcm_tiny_dual_experts_resume_exactly_and_export_both(assets, cache, tmp
         c.distillation_config.dual_experts = True
         return c
 
-    run(cfg(tmp_path / "full", 4))
+    from test_train import _student_videos, _with_validation
+
+    run(_with_validation(cfg(tmp_path / "full", 4)))  # validation (both experts) must not change training
     run(cfg(tmp_path / "split", 2))
     summary = run(cfg(tmp_path / "split", 4))
+    assert _student_videos(tmp_path / "full") == ["step_000002_validation.mp4", "step_000004_validation.mp4"]
     full, split = _rows(tmp_path / "full"), _rows(tmp_path / "split")
     keys = ("dcm_loss", "semantic_loss", "temporal_loss", "grad_norm", "expert", "interval_mean")
     assert [r["step"] for r in full] == [1, 2, 3, 4] and all(np.isfinite(r[k]) for r in full for k in keys)

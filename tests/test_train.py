@@ -206,9 +206,12 @@ def test_simpletuner_seed_config_trains_on_tiny(assets, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     c = _get_config("simpletuner", str(SEEDS / "lora-config.json"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the seed pushes to the hub: here it must say so and go on
+    # the seed's validation (every 100 steps; 832x480x81, 40 steps) at a CPU-sized clip: runs at the final step
     for key, value in dict(pretrained_model_name_or_path=str(assets / "pipeline"), cache_dir=str(assets / "latents"),
                            output_dir=str(tmp_path / "st"), max_train_steps=3, checkpoint_step_interval=1,
-                           checkpoints_total_limit=2, train_batch_size=8).items():
+                           checkpoints_total_limit=2, train_batch_size=8, validation_resolution="48x32",
+                           validation_num_video_frames=5, validation_num_inference_steps=2).items():
         c[key] = value
     summary = run(c)
     assert summary["steps"] == 3 and all(np.isfinite(summary["losses"]))
@@ -217,6 +220,28 @@ def test_simpletuner_seed_config_trains_on_tiny(assets, tmp_path, monkeypatch):
     recorded = json.loads((out / "config.json").read_text())
     assert recorded["optimizer"] == "optimi-lion" and "attention_mechanism" in recorded["simpletuner"]["unhonored"]
     assert list((out / "wandb").glob("offline-run-*")), "wandb should log offline without credentials"
+    # ema_validation "ema_only": the EMA weights' video; the model card is written even though the push is off
+    assert [p.name for p in (out / "validation").iterdir()] == ["step_000003_validation_ema.mp4"]
+    assert "pipe.load_lora_weights('wan-disney')" in (out / "README.md").read_text()
+
+
+
+def _with_validation(c):
+    """Validation every 2 steps at a 48x32x5 clip: the student renders with its own sampler."""
+    c.validation_step_interval, c.validation_prompt = 2, "a red square drifting right"
+    c.validation_resolution, c.validation_num_video_frames, c.validation_guidance = "48x32", 5, 1.0
+    return c
+
+
+def _student_videos(out):
+    import av
+
+    names = sorted(p.name for p in (out / "validation").glob("*.mp4"))
+    for name in names:
+        with av.open(str(out / "validation" / name)) as f:
+            frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+        assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
+    return names
 
 
 def test_dmd_tiny_trains_logs_and_resumes_exactly(assets, tmp_path):
@@ -228,9 +253,10 @@ def test_dmd_tiny_trains_logs_and_resumes_exactly(assets, tmp_path):
         c.cache_dir, c.output_dir, c.max_train_steps, c.checkpoint_step_interval = str(assets / "latents"), str(out), steps, 2
         return c
 
-    run(cfg(tmp_path / "full", 4))
+    run(_with_validation(cfg(tmp_path / "full", 4)))  # validation must not change training
     run(cfg(tmp_path / "split", 2))
     run(cfg(tmp_path / "split", 4))
+    assert _student_videos(tmp_path / "full") == ["step_000002_validation.mp4", "step_000004_validation.mp4"]
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["generator_updated"] for r in rows] == [1.0, 0.0, 1.0, 0.0]
     assert all(np.isfinite(r["fake_score_loss"]) for r in rows) and np.isfinite(rows[0]["dmd_loss"])
@@ -264,3 +290,41 @@ def test_dmd_from_prompts_alone(assets, tmp_path):
     with pytest.raises(ConfigError, match=r"datasets \['tiny-prompts'\] are prompts only .*LoRA flow matching trains "
                                           "on real latents"):
         run(lora)
+
+
+def _decode(path):
+    import av
+
+    with av.open(str(path)) as f:
+        return [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
+
+
+def test_validation_every_two_steps_writes_playable_videos(assets, tmp_path):
+    """validation_step_interval=2 on a 4-step LoRA run: mp4s at steps 2 and 4 that decode back to the requested
+    frames and size, for the prompt and a library entry; EMA comparison renders both weights."""
+    (tmp_path / "lib.json").write_text(json.dumps({"blue circle": {"prompt": "a blue circle bouncing"}}))
+    out = tmp_path / "val"
+    run(tiny_config(assets, out, max_train_steps=4, checkpoint_step_interval=0, use_ema=True,
+                    validation_step_interval=2, validation_prompt="a red square drifting right",
+                    validation_prompt_library=str(tmp_path / "lib.json"), validation_resolution="48x32",
+                    validation_num_video_frames=9, validation_num_inference_steps=2, ema_validation="comparison"))
+    names = sorted(p.name for p in (out / "validation").glob("*.mp4"))
+    assert names == sorted(f"step_{s:06d}_{n}{e}.mp4" for s in (2, 4) for n in ("validation", "blue_circle")
+                           for e in ("", "_ema"))
+    for name in names:
+        frames = _decode(out / "validation" / name)
+        assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    rounds = [json.loads(line) for line in (out / "validation" / "videos.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rounds] == [2, 4] and all(len(r["files"]) == 4 for r in rounds)
+
+
+def test_validation_settings_refused_before_compute(assets, tmp_path):
+    with pytest.raises(ConfigError, match="validation_num_video_frames=10: Wan clips have 4k\\+1 frames"):
+        run(tiny_config(assets, tmp_path / "a", validation_step_interval=2, validation_prompt="x",
+                        validation_num_video_frames=10))
+    with pytest.raises(ConfigError, match="validation_resolution 50x32: width and height must be multiples of 16"):
+        run(tiny_config(assets, tmp_path / "b", validation_step_interval=2, validation_prompt="x",
+                        validation_resolution="50x32"))
+    with pytest.raises(ConfigError, match="no validation_prompt or validation_prompt_library"):
+        run(tiny_config(assets, tmp_path / "c", validation_step_interval=2))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()

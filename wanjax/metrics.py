@@ -73,6 +73,18 @@ class MetricsWriter:
             self.bar.set_postfix({self.loss_key: f"{loss:.4g}" if isinstance(loss, float) else loss,
                                   "lr": f"{row.get('lr', 0):.3g}"})
 
+    def log_videos(self, step: int, videos: dict[str, str | os.PathLike], captions: dict[str, str] | None = None
+                   ) -> None:
+        """Validation videos as wandb.Video entries `validation/<name>` (the files list is validation/videos.jsonl)."""
+        if not self.enabled or not videos:
+            return
+        if self.wandb is not None:
+            import wandb
+
+            captions = captions or {}
+            self.wandb.log({f"validation/{k}": wandb.Video(str(v), caption=captions.get(k), format="mp4")
+                            for k, v in videos.items()}, step=int(step))
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -264,10 +265,25 @@ def run(config) -> dict:
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by data x fsdp = {dp}")
     if config.train_batch_size % jax.process_count():
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {jax.process_count()} processes")
+    from wanjax import hub, validation
+
+    try:
+        val_settings = validation.settings_from_config(config)
+    except validation.ValidationConfigError as e:
+        raise ConfigError(str(e)) from None
     resume = resolve_resume(config.resume_from_checkpoint, output_dir)
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(config, output_dir)
+
+    validator = None  # built before the base loads: a bad validation setup fails before the big reads
+    if val_settings is not None:
+        try:
+            validator = validation.Validator(val_settings, output_dir=output_dir, pipeline=r.model_path,
+                                             cache_dir=config.cache_dir, text_len=r.manifest.text_len,
+                                             model_config=r.reader.config)
+        except validation.ValidationConfigError as e:
+            raise ConfigError(str(e)) from None
 
     # -- 2. the frozen base, read straight into its shardings ---------------------------------------------
     model = r.reader.config.replace(attention=config.model.attention, remat_policy=config.model.remat_policy)
@@ -298,7 +314,9 @@ def run(config) -> dict:
         start = int(state.step)
         logger.info("resumed from %s/%d", ckpt_dir, step)
 
-    # -- 5. the loop ------------------------------------------------------------------------------------
+    # -- 5. hub, the loop ---------------------------------------------------------------------------------
+    pusher = hub.pusher_from_config(config)
+
     step_fn = jax.jit(method.step, in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
                       donate_argnums=(0,))
     total = int(config.max_train_steps)
@@ -322,17 +340,43 @@ def run(config) -> dict:
             writer.advance()
             if config.checkpoint_step_interval and step % config.checkpoint_step_interval == 0 and step < total:
                 ckpt.save(step, state, iterator, meta)
-                _export(method, state, output_dir, fmt, final=False)
+                exported = _export(method, state, output_dir, fmt, final=False)
+                if pusher is not None:
+                    pusher.push_checkpoint(step, exported)
+            if validator is not None and (step % validator.s.interval == 0 or step == total):
+                _validate(validator, writer, step, method, state)
         # -- 6. final checkpoint + export -------------------------------------------------------------------
         if ckpt.latest_step() != step:  # a rerun of a finished run resumes at the end: nothing new to save
             ckpt.save(step, state, iterator, meta)
         ckpt.wait()
         paths = _export(method, state, output_dir, fmt, final=True)
+        if pusher is not None:
+            videos = validator.files if validator is not None else []
+            card = hub.card_from_config(config, repo_id=pusher.repo_id, steps=step, meta=meta, validation=[
+                {"prompt": validator.captions().get(_prompt_name(p, step), ""), "path": f"validation/{p.name}"}
+                for p in videos] if videos else None)
+            pusher.push_final(output_dir, [*paths, *videos], card)
     finally:
         writer.close()
         ckpt.close()
     return {"steps": step, "start_step": start, "losses": losses, "lora": paths[0], "exports": paths,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _prompt_name(path: Path, step: int) -> str:
+    """The validation prompt name of a file `step_<N>_<name>[_ema][_WxH].mp4`."""
+    name = path.stem[len(f"step_{step:06d}_"):]
+    name = re.sub(r"_\d+x\d+$", "", name)
+    return name[:-4] if name.endswith("_ema") else name
+
+
+def _validate(validator, writer, step: int, method, state) -> None:
+    t = time.perf_counter()
+    files = validator.run(step, method, state)
+    writer.log_videos(step, {p.stem[len(f"step_{step:06d}_"):]: p for p in files}, captions={
+        p.stem[len(f"step_{step:06d}_"):]: validator.captions().get(_prompt_name(p, step), "") for p in files})
+    logger.info("validation at step %d: %d video(s) in %s (%.1f s)", step, len(files), validator.dir,
+                time.perf_counter() - t)
 
 
 def _write_config(config, output_dir: Path, extra: dict | None = None) -> None:

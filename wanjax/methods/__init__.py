@@ -54,6 +54,9 @@ class Method:
     exports: Callable[[Any, bool], dict[str, Any]]  # (state, final) -> {file stem: LoraWeights}
     meta: dict  # JSON recorded with every checkpoint (adapter shapes for export_lora.py)
     loss_key: str = "loss"  # the metric summarised as the run's losses
+    # validation: (state, ema: bool, noise (1,C,T,h,w), cond (1,L,D), uncond (1,L,D), key, validator) -> latents,
+    # with the method's own sampler (wanjax.validation); None: no validation videos
+    sample: Callable[..., Any] | None = None
 
 
 def build(name: str, ctx: Context) -> Method:

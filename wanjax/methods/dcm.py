@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wanjax import optim
+from wanjax import optim, students
 from wanjax.losses import dcm as dcmlib
 from wanjax.methods import Context, Method
 from wanjax.models.config import WanConfig
@@ -146,4 +146,20 @@ def build(ctx: Context) -> Method:
         student["switch_sigma"] = float(dcmlib.dcm_grid(cfg)[dcmlib.split_index(cfg)])
     meta = {"lora": lora_meta, "student": student, "dcm": {"mode": cfg.mode, "target": cfg.target,
                                                            "discriminator_layers": list(layers) if cfg.fine else []}}
-    return Method("dcm", init_state, step, frozen, exports, meta, loss_key="dcm_loss")
+    switch_sigma = student.get("switch_sigma")
+
+    @functools.partial(jax.jit, static_argnames=("guidance",))
+    def student_sample(base, gen, detail, noise, cond, uncond, guidance):
+        return students.euler_sample(
+            ctx.model, base, noise, cond, sigmas, lora=spec.wrap(gen),
+            lora_switch=spec.wrap(detail) if detail is not None else None, switch_sigma=switch_sigma,
+            negative_prompt_embeds=uncond if guidance > 1 else None, guidance_scale=guidance)
+
+    def sample(state, ema, noise, cond, uncond, key, validator):
+        """The 4-step student (Euler over its phase floors; the detail expert below switch_sigma when dual)."""
+        del key
+        gen = state.ema if ema else state.gen
+        detail = (state.detail_ema if ema else state.detail) if cfg.dual_experts else None
+        return student_sample(ctx.base, gen, detail, noise, cond, uncond, guidance=float(validator.s.guidance))
+
+    return Method("dcm", init_state, step, frozen, exports, meta, loss_key="dcm_loss", sample=sample)

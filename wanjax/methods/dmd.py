@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from wanjax import lora as lora_lib
-from wanjax import optim
+from wanjax import optim, students
 from wanjax.losses import dmd as dmdlib
 from wanjax.losses import flow_matching as fmlib
 from wanjax.methods import Context, Method
@@ -108,4 +108,17 @@ def build(ctx: Context) -> Method:
     meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "state_key": "gen"},
             "student": {"kind": "dmd", "timesteps": list(cfg.denoising_steps), "shift": cfg.shift,
                         "sigmas": [float(s) for s in dmdlib.student_sigmas(cfg)]}}
-    return Method("dmd", init_state, step, frozen, exports, meta, loss_key="fake_score_loss")
+    sigmas = dmdlib.student_sigmas(cfg)
+
+    @functools.partial(jax.jit, static_argnames=("guidance",))
+    def student(base, gen, noise, cond, uncond, key, guidance):
+        return students.renoise_sample(ctx.model, base, noise, cond, sigmas, key, lora=spec.wrap(gen),
+                                       negative_prompt_embeds=uncond if guidance > 1 else None,
+                                       guidance_scale=guidance)
+
+    def sample(state, ema, noise, cond, uncond, key, validator):
+        """The 3-step student (re-noising over its sigmas); validation_guidance > 1 adds CFG."""
+        return student(ctx.base, state.ema if ema else state.gen, noise, cond, uncond, key,
+                       guidance=float(validator.s.guidance))
+
+    return Method("dmd", init_state, step, frozen, exports, meta, loss_key="fake_score_loss", sample=sample)

@@ -36,6 +36,16 @@ def build(ctx: Context) -> Method:
         params = state.ema if (final and state.ema is not None) else state.lora
         return {"pytorch_lora_weights": spec.wrap(params)}
 
+    def sample(state, ema, noise, cond, uncond, key, validator):
+        """WanPipeline's loop (wanjax.sample) with the adapter: validation_scheduler / steps / guidance."""
+        from wanjax.sample import sample as pipeline_sample
+        from wanjax.validation import method_sampler_kwargs
+
+        del key  # the pipeline's samplers are deterministic given the noise
+        params = state.ema if ema else state.lora
+        return pipeline_sample(ctx.model, ctx.base, noise, cond, negative_prompt_embeds=uncond, lora=spec.wrap(params),
+                               **method_sampler_kwargs(validator))
+
     frozen = fmlib.Frozen(params=ctx.base, empty_prompt_embeds=ctx.text_embeds["empty"])
     meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets)}}
-    return Method("lora", init_state, step, frozen, exports, meta)
+    return Method("lora", init_state, step, frozen, exports, meta, sample=sample)
