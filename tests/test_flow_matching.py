@@ -72,9 +72,9 @@ def test_accumulation_averages_micro_batch_gradients(setup):
     grads, losses = [], []
     for i in range(2):
         micro = jax.tree_util.tree_map(lambda x: x[i:i + 1], batch)
-        (l, _), g = jax.value_and_grad(loss_fn, has_aux=True)(lora_params, frozen, micro, jax.random.fold_in(rng, i))
+        (loss, _), g = jax.value_and_grad(loss_fn, has_aux=True)(lora_params, frozen, micro, jax.random.fold_in(rng, i))
         grads.append(g)
-        losses.append(float(l))
+        losses.append(float(loss))
     mean_grad = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *grads)
     expected = jax.tree_util.tree_map(lambda p, g: p - g, lora_params, mean_grad)
     for a, b in zip(jax.tree_util.tree_leaves(new.lora), jax.tree_util.tree_leaves(expected)):

@@ -378,7 +378,7 @@ def load_lora(path: str | os.PathLike, *, config: WanConfig | None = None, dtype
     alpha = a_c if r_c == rank else a_c * rank / r_c
     s_global = alpha / rank
 
-    layers = [l for (_, l) in entries if l is not None]
+    layers = [layer for (_, layer) in entries if layer is not None]
     depth = config.num_layers if config is not None else (max(layers) + 1 if layers else 0)
     params: dict = {}
     by_module: dict[str, list] = collections.defaultdict(list)
@@ -412,7 +412,7 @@ def load_lora(path: str | os.PathLike, *, config: WanConfig | None = None, dtype
 
     lora = LoraWeights(params, int(rank), float(alpha), tuple(m for m in _all_modules() if m in by_module))
     if config is not None:
-        file_names = {_module_paths()[m]: names[(m, l)] for (m, l) in entries}
+        file_names = {_module_paths()[m]: names[(m, layer)] for (m, layer) in entries}
         try:
             _check(lora.params, {p: s for p, s in _kernels_cached(config).values()}, file_names)
         except ValueError as e:

@@ -2,6 +2,10 @@
 
 Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded), `context` (sequence
 parallel), `tensor` (heads / MLP). A size of -1 takes whatever devices remain.
+
+Context parallelism (long clips): `make_mesh(context=c)` (training: `--config.mesh.context=c`) and run the
+jitted function under `with use_mesh(mesh):`. Batches stay split over data x fsdp only (`batch_sharding`);
+the transformer splits its tokens over `context` after patchify. Heads must be divisible by c.
 """
 
 from __future__ import annotations
@@ -113,6 +117,104 @@ def batch_sharding(mesh: Mesh, ndim: int, *, batch_axis: int = 0) -> NamedShardi
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation layouts inside the transformer (context parallelism)
+#
+# The model reads the mesh set with `jax.set_mesh(mesh)` (`use_mesh` below); with no mesh set, or a
+# `context` axis of size 1, none of this applies and the model's XLA graph is unchanged. With context = c > 1
+# the token sequence is split over `context` everywhere (patch embedding, norms, modulation, FFN,
+# cross-attention queries); self-attention switches the split from tokens to heads around the kernel
+# (Ulysses: all-to-all in, attention over all tokens for H/c heads, all-to-all out).
+# ---------------------------------------------------------------------------------------------------------
+BATCH_AXES = ("data", "fsdp")
+
+
+def use_mesh(mesh: Mesh):
+    """Context manager making `mesh` the one the model's activation shardings refer to (`jax.set_mesh`).
+
+    Run the jitted step (or trace it) inside it: `with use_mesh(mesh): step(state, batch)`."""
+    return jax.set_mesh(mesh)
+
+
+def current_mesh():
+    """The mesh set by `jax.set_mesh` (an AbstractMesh while tracing), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def _size(mesh, axes) -> int:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
+def context_size(mesh=None) -> int:
+    """Size of the `context` axis of `mesh` (default: the current mesh); 1 without one."""
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is None or "context" not in mesh.shape:
+        return 1
+    return int(mesh.shape["context"])
+
+
+def _axes(mesh, names: tuple[str, ...], dim: int):
+    """The mesh axes among `names` of size > 1 (a spec entry), or None if they are trivial or do not divide dim."""
+    axes = tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or dim % _size(mesh, axes):
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def token_spec(mesh, shape: tuple[int, ...]) -> P:
+    """(B, S, ...) activations: batch over data x fsdp (when it divides), tokens over `context`."""
+    c = context_size(mesh)
+    if shape[1] % c:
+        raise ValueError(
+            f"context parallelism: the token sequence ({shape[1]} tokens) must be divisible by the `context` mesh "
+            f"axis size {c}"
+        )
+    return P(_axes(mesh, BATCH_AXES, shape[0]), "context" if c > 1 else None, *([None] * (len(shape) - 2)))
+
+
+def constrain_tokens(x: jax.Array) -> jax.Array:
+    """Keep (B, S, ...) activations split over `context` along S; identity without context parallelism."""
+    mesh = current_mesh()
+    if context_size(mesh) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, token_spec(mesh, x.shape)))
+
+
+def attention_specs(mesh, q_shape: tuple[int, ...], *, self_attention: bool) -> tuple[P, P, P]:
+    """(q, k/v, out) PartitionSpecs for (B, S, H, D) attention inputs on `mesh`, as the kernel sees them.
+
+    Heads go over `tensor` (when it divides H). With context parallelism, self-attention also splits heads
+    over `context` and holds every token (the Ulysses layout), and cross-attention keeps the queries split
+    over tokens with the (short) text keys/values replicated over `context`.
+    """
+    b, s, h, _ = q_shape
+    c = context_size(mesh)
+    batch = _axes(mesh, BATCH_AXES, b)
+    heads = _axes(mesh, ("tensor",), h)
+    if c == 1:
+        spec = P(batch, None, heads, None)
+        return spec, spec, spec
+    t = _size(mesh, "tensor") if heads is not None else 1
+    if h % (c * t):
+        raise ValueError(
+            f"context parallelism: num_attention_heads={h} must be divisible by the `context` mesh axis size {c}"
+            + (f" times the `tensor` axis size {t}" if t > 1 else "")
+        )
+    if s % c:
+        raise ValueError(
+            f"context parallelism: the token sequence ({s} tokens) must be divisible by the `context` mesh axis "
+            f"size {c}"
+        )
+    if self_attention:
+        heads_cp = ("tensor", "context") if t > 1 else "context"
+        spec = P(batch, None, heads_cp, None)
+        return spec, spec, spec
+    q = P(batch, "context", heads, None)
+    return q, P(batch, None, heads, None), q
 
 
 def maybe_initialize_distributed() -> bool:

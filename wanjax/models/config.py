@@ -1,7 +1,8 @@
 """The Wan transformer's architecture config: diffusers' `WanTransformer3DModel` config.json, typed.
 
 Field names and defaults are diffusers' own so a `config.json` maps one to one. Two runtime options
-(`attention`, `remat_policy`) are wanjax's and never written to a diffusers config.
+(`attention`: auto | xla | cudnn | splash, `remat_policy`: none | full | dots | offload) are wanjax's and never
+written to a diffusers config.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import jax
 
+from wanjax.models.attention import ATTENTION_IMPLS
+
 logger = logging.getLogger(__name__)
 
 # Keys diffusers writes into config.json that carry no architecture.
@@ -19,8 +22,11 @@ _DIFFUSERS_BOOKKEEPING = {"_class_name", "_diffusers_version", "_name_or_path", 
 # Keys older diffusers / Wan configs carried that the current model ignores.
 _IGNORED_LEGACY = {"window_size", "add_img_emb", "model_type"}
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots")
+# Remat of each block: "none" keeps every activation; "full" saves nothing (recompute the block in backward);
+# "dots" saves matmul outputs; "offload" saves the named attention tensors (q, k, v, attention output) in pinned
+# host memory and recomputes the rest (device memory of "full", less recompute; needs host offload support:
+# GPU/TPU, and XLA:CPU where the copies are no-ops).
+REMAT_POLICIES = ("none", "full", "dots", "offload")
 RUNTIME_FIELDS = frozenset({"attention", "remat_policy"})
 
 

@@ -7,6 +7,10 @@ timestep embedding, modulation, norms and gated residuals.
 
 Token layout inside is channels-last (B, S, D), frame-major then h then w; the public boundary is diffusers'
 (B, C, F, H, W).
+
+Runtime options (WanConfig): `attention` picks the kernel (wanjax.models.attention); `remat_policy` none | full |
+dots | offload. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context` axis > 1 the
+tokens are split over it after patchify (`constrain_tokens`) and self-attention goes through head all-to-alls.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from wanjax.models.attention import dot_product_attention
 from wanjax.models.config import WanConfig
+from wanjax.sharding import constrain_tokens, context_size
 
 F32 = jnp.float32
 # diffusers' text-encoder context length, hard-coded in its I2V attention (image tokens = context[:, :-512]).
@@ -235,7 +240,7 @@ class Attention(nn.Module):
         q = checkpoint_name(q, "query_proj")
         k = checkpoint_name(k, "key_proj")
         v = checkpoint_name(v, "value_proj")
-        out = dot_product_attention(q, k, v, impl=cfg.attention)
+        out = dot_product_attention(q, k, v, impl=cfg.attention, self_attention=context is None)
         if self.added_kv:
             k_img = Dense(dim, name="add_k_proj")(image_context)
             k_img = split_heads(RMSNorm(cfg.eps, name="norm_added_k")(k_img))
@@ -254,6 +259,7 @@ class WanBlock(nn.Module):
     def __call__(self, x, context, image_context, timestep_proj, rope_cos, rope_sin):
         cfg, dim = self.config, self.config.inner_dim
         dtype = x.dtype
+        x = constrain_tokens(x)  # context parallelism: tokens stay split over `context` through the block
         table = self.param("scale_shift_table", _scaled_normal(dim), (1, 6, dim), F32)
         # (B, 6, D) per sample, or (B, S, 6, D) per token (TI2V); modulation in float32.
         mod = table.astype(F32) + timestep_proj.astype(F32)
@@ -264,19 +270,19 @@ class WanBlock(nn.Module):
         with jax.named_scope("self_attention"):
             h = (LayerNorm(cfg.eps, False, name="norm1")(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
             a = Attention(cfg, name="attn1")(h, rope=(rope_cos, rope_sin))
-            x = (x.astype(F32) + a * gate).astype(dtype)
+            x = constrain_tokens((x.astype(F32) + a * gate).astype(dtype))
 
         with jax.named_scope("cross_attention"):
             h = LayerNorm(cfg.eps, True, name="norm2")(x.astype(F32)).astype(dtype) if cfg.cross_attn_norm else x
             a = Attention(cfg, added_kv=cfg.added_kv_proj_dim is not None, name="attn2")(
                 h, context=context, image_context=image_context
             )
-            x = x + a
+            x = constrain_tokens(x + a)
 
         with jax.named_scope("ffn"):
             h = (LayerNorm(cfg.eps, False, name="norm3")(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
             f = MLP(cfg.ffn_dim, dim, gelu_tanh, name="ffn")(h)
-            x = (x.astype(F32) + f.astype(F32) * c_gate).astype(dtype)
+            x = constrain_tokens((x.astype(F32) + f.astype(F32) * c_gate).astype(dtype))
         return x, None  # scan's (carry, output) form
 
 
@@ -285,9 +291,15 @@ def _scaled_normal(dim: int):
     return lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / dim**0.5
 
 
+# `checkpoint_name` tags in `Attention` that the "offload" policy moves to host memory between forward and backward.
+OFFLOADED_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out")
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED_NAMES),
+        offload_src="device", offload_dst="pinned_host",
+    ),
 }
 
 
@@ -326,6 +338,7 @@ class WanTransformer(nn.Module):
         # 1. Patch embedding: Conv3d(kernel = stride = patch) as one matmul over (pt, ph, pw, c) patch vectors.
         x = hidden_states.reshape(b, c, nf, pt, nh, ph, nw, pw).transpose(0, 2, 4, 6, 3, 5, 7, 1)
         x = PatchEmbed(cfg, name="patch_embedding")(x.reshape(b, seq, pt * ph * pw * c))
+        x = constrain_tokens(x)  # context parallelism: from here on tokens are split over `context`
         dtype = x.dtype
 
         # 2. Conditions. Per-token timesteps (B, S) give per-token temb and modulation (TI2V-5B).
@@ -333,6 +346,8 @@ class WanTransformer(nn.Module):
             timestep, encoder_hidden_states.astype(dtype), encoder_hidden_states_image
         )
         timestep_proj = timestep_proj.reshape(*timestep_proj.shape[:-1], 6, dim)
+        if timestep_proj.ndim == 4:  # per token (B, S, 6, D): split like the tokens
+            timestep_proj = constrain_tokens(timestep_proj)
         if image_context is not None and cfg.added_kv_proj_dim is None:
             context = jnp.concatenate([image_context, context], axis=1)  # image tokens first, plain cross-attn
             image_context = None
@@ -425,7 +440,8 @@ def param_shapes(config: WanConfig) -> dict:
     """The params pytree of `config` as `jax.ShapeDtypeStruct`s (float32), without allocating anything."""
     pt, ph, pw = config.patch_size
     b = 1
-    x = jax.ShapeDtypeStruct((b, config.in_channels, pt, ph, pw), F32)
+    # one token per `context` device, so a mesh in effect (even while tracing under jit) can split the dummy input
+    x = jax.ShapeDtypeStruct((b, config.in_channels, pt * context_size(), ph, pw), F32)
     t = jax.ShapeDtypeStruct((b,), F32)
     ctx = jax.ShapeDtypeStruct((b, 1, config.text_dim), F32)
     img = None

@@ -292,7 +292,9 @@ class Resample(nn.Module):
             x = jnp.concatenate([x[:, :1], y], axis=1) if first else y
         if self.mode.startswith("upsample"):
             out = self.out_dim or c // 2
-            up = lambda f: jnp.repeat(jnp.repeat(f, 2, axis=1), 2, axis=2)  # nearest-exact, scale 2
+            def up(f):  # nearest-exact, scale 2
+                return jnp.repeat(jnp.repeat(f, 2, axis=1), 2, axis=2)
+
             return _per_frame(lambda f: Conv2d(out, 3, name="resample_1")(up(f)), x)
         x = _per_frame(lambda f: Conv2d(c, 3, 2, ((0, 1), (0, 1)), name="resample_1")(f), x)
         if self.mode == "downsample3d":

@@ -1,0 +1,200 @@
+"""Attention kernels: selection by platform, XLA == a numpy reference, splash (Pallas interpret mode on CPU) == XLA,
+the TPU / cuDNN paths lower for their platforms, and every remat policy gives the gradients of no remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+
+import wanjax
+from wanjax.models import attention as attn
+
+
+def np_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in float64, (B, S, H, D)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def qkv(seed, b=2, q_len=37, kv_len=23, heads=3, d=16, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shapes = ((b, q_len, heads, d), (b, kv_len, heads, d), (b, kv_len, heads, d))
+    return tuple(jax.random.normal(key, s, jnp.float32).astype(dtype) for key, s in zip(keys, shapes))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "backend, dtype, head_dim, expected",
+    [
+        ("gpu", jnp.bfloat16, 128, "cudnn"),
+        ("gpu", jnp.float16, 64, "cudnn"),
+        ("gpu", jnp.float32, 128, "xla"),  # cuDNN flash attention is half precision only
+        ("gpu", jnp.bfloat16, 12, "xla"),  # head_dim not a multiple of 8
+        ("gpu", jnp.bfloat16, 256, "xla"),
+        ("tpu", jnp.bfloat16, 128, "splash"),
+        ("tpu", jnp.float32, 12, "splash"),
+        ("cpu", jnp.bfloat16, 128, "xla"),
+        ("cpu", jnp.float32, 128, "xla"),
+    ],
+)
+def test_auto_picks_kernel_by_platform(monkeypatch, backend, dtype, head_dim, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert attn.resolve_attention_impl("auto", dtype, head_dim) == expected
+    for impl in ("xla", "cudnn", "splash"):  # an explicit choice is kept
+        assert attn.resolve_attention_impl(impl, dtype, head_dim) == impl
+
+
+def test_auto_avoids_cudnn_for_odd_lengths(monkeypatch):
+    """JAX's cuDNN training path refuses odd sequence lengths (e.g. I2V's 257 image tokens): auto uses XLA there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attn.resolve_attention_impl("auto", jnp.bfloat16, 128, (32760, 512)) == "cudnn"
+    assert attn.resolve_attention_impl("auto", jnp.bfloat16, 128, (32760, 257)) == "xla"
+
+
+def test_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match=r"'flash'.*'auto', 'xla', 'cudnn', 'splash'"):
+        attn.resolve_attention_impl("flash", jnp.float32)
+    q, k, v = qkv(0)
+    with pytest.raises(ValueError, match="expected one of"):
+        attn.dot_product_attention(q, k, v, impl="sdpa")
+    with pytest.raises(ValueError, match=r"attention='flash'.*expected one of \('auto', 'xla', 'cudnn', 'splash'\)"):
+        wanjax.WanConfig(attention="flash")
+    with pytest.raises(ValueError, match=r"remat_policy='some'.*'offload'"):
+        wanjax.WanConfig(remat_policy="some")
+
+
+def test_cudnn_refused_where_it_cannot_run():
+    q, k, v = qkv(0, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        attn.dot_product_attention(q, k, v, impl="cudnn")
+    if jax.default_backend() != "gpu":
+        qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+        with pytest.raises(ValueError, match="NVIDIA GPU"):
+            attn.dot_product_attention(qb, kb, vb, impl="cudnn")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("q_len, kv_len", [(37, 23), (64, 64)])
+def test_xla_matches_numpy_float32(q_len, kv_len):
+    q, k, v = qkv(1, q_len=q_len, kv_len=kv_len)
+    out = attn.dot_product_attention(q, k, v, impl="xla")
+    assert out.dtype == jnp.float32 and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_xla_matches_numpy_bfloat16():
+    q, k, v = qkv(2, d=64, dtype=jnp.bfloat16)
+    out = attn.dot_product_attention(q, k, v, impl="xla")
+    assert out.dtype == jnp.bfloat16
+    expected = np_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
+    err = np.abs(np.asarray(out, np.float64) - expected).max() / np.abs(expected).max()
+    assert err < 2e-2, err  # bf16 has 8 mantissa bits: ~4e-3 per rounding
+
+
+def _splash_vs_xla(monkeypatch, q_len, kv_len, blocks):
+    monkeypatch.setattr(attn, "SPLASH_BLOCK_Q", blocks[0])
+    monkeypatch.setattr(attn, "SPLASH_BLOCK_KV", blocks[1])
+    monkeypatch.setattr(attn, "SPLASH_BLOCK_KV_COMPUTE", blocks[2])
+    q, k, v = qkv(3, b=2, q_len=q_len, kv_len=kv_len, heads=2, d=32)
+
+    def loss(impl, q, k, v):
+        out = attn.dot_product_attention(q, k, v, impl=impl)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, got), g_got = jax.value_and_grad(lambda *a: loss("splash", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, want), g_want = jax.value_and_grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_got, g_want):
+        scale = np.abs(np.asarray(b)).max()
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, blocks",
+    [
+        (200, 77, (512, 1024, 512)),  # the real tiles, capped to short sequences; keys padded (segment ids)
+        (300, 384, (128, 256, 128)),  # several q / kv tiles, queries padded, kv tile = 2 compute blocks
+    ],
+)
+def test_splash_interpret_matches_xla(monkeypatch, q_len, kv_len, blocks):
+    """The TPU kernel itself (forward and fused backward) in Pallas interpret mode on CPU."""
+    _splash_vs_xla(monkeypatch, q_len, kv_len, blocks)
+
+
+def test_splash_lowers_for_tpu():
+    """The non-interpret kernel with Wan-sized tiles lowers to a Mosaic TPU custom call (forward and backward)."""
+    q = jax.ShapeDtypeStruct((1, 1560, 4, 128), jnp.bfloat16)  # 2 x 30 x 52 latent tokens: a padded q tile
+    k = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)  # text keys
+
+    def loss(q, k, v):
+        return attn.splash_attention(q, k, v, interpret=False).astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 2  # forward + fused dq/dk/dv
+
+
+def test_cudnn_lowers_for_cuda(monkeypatch):
+    """The cuDNN path builds the flash-attention custom call (CPU has no cuDNN: its version probe is stubbed)."""
+    import jax._src.cudnn.fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda cap: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q = jax.ShapeDtypeStruct((2, 300, 4, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((2, 78, 4, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        return attn.dot_product_attention(q, k, v, impl="auto").astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__cudnn$fmha" in text
+
+
+def test_model_with_splash_matches_xla():
+    """The whole tiny model with attention='splash' (interpret mode here) equals attention='xla'."""
+    config = wanjax.WanConfig.from_diffusers(ref.T2V)
+    params = wanjax.init_params(config, jax.random.key(0))
+    inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=1).items()}
+
+    def run(impl):
+        return np.asarray(wanjax.transformer_forward(config.replace(attention=impl), params, inp["hidden_states"],
+                                                     inp["timestep"], inp["encoder_hidden_states"]))
+
+    want = run("xla")
+    assert ref.rel_err(run("splash"), want) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Remat policies
+# ---------------------------------------------------------------------------------------------------------
+def test_remat_offload_same_grads():
+    """"offload" gives the grads of "none" (tests/test_compile.py checks "full" and "dots" the same way), and it
+    really moves the named attention tensors to host memory (device_puts to MemorySpace.Host in the jaxpr: 2
+    attention modules x 4 names; XLA:CPU compiles them away, GPU/TPU to host transfers)."""
+    base = wanjax.WanConfig.from_diffusers(ref.T2V)
+    params = wanjax.init_params(base, jax.random.key(1))
+    inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=2).items()}
+
+    def value_and_grad(policy):
+        config = base.replace(remat_policy=policy)
+
+        def loss(params, x):
+            out = wanjax.transformer_forward(config, params, x, inp["timestep"], inp["encoder_hidden_states"])
+            return jnp.sum(out**2)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    want = jax.tree_util.tree_leaves(jax.jit(value_and_grad("none"))(params, inp["hidden_states"]))
+    got = jax.tree_util.tree_leaves(jax.jit(value_and_grad("offload"))(params, inp["hidden_states"]))
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(value_and_grad("offload"))(params, inp["hidden_states"]))
+    assert "MemorySpace.Host" in jaxpr
