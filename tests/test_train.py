@@ -230,6 +230,7 @@ def _with_validation(c):
     """Validation every 2 steps at a 48x32x5 clip: the student renders with its own sampler."""
     c.validation_step_interval, c.validation_prompt = 2, "a red square drifting right"
     c.validation_resolution, c.validation_num_video_frames, c.validation_guidance = "48x32", 5, 1.0
+    c.ema_validation = "none"  # the trained adapter (the LoRA test covers "comparison")
     return c
 
 
@@ -328,3 +329,15 @@ def test_validation_settings_refused_before_compute(assets, tmp_path):
     with pytest.raises(ConfigError, match="no validation_prompt or validation_prompt_library"):
         run(tiny_config(assets, tmp_path / "c", validation_step_interval=2))
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_context_parallel_training_matches(assets, tmp_path):
+    """mesh.context=2 (tokens split over 2 devices, all-to-all attention) trains like context=1 (8 devices here)."""
+    common = {"max_train_steps": 2, "checkpoint_step_interval": 0}
+    run(tiny_config(assets, tmp_path / "cp1", **{"mesh.fsdp": 8, "mesh.context": 1}, **common))
+    run(tiny_config(assets, tmp_path / "cp2", **{"mesh.fsdp": 4, "mesh.context": 2}, **common))
+    np.testing.assert_allclose(losses(tmp_path / "cp2"), losses(tmp_path / "cp1"), rtol=1e-5)
+    a = lora_lib.load_lora(tmp_path / "cp1" / "pytorch_lora_weights.safetensors")
+    b = lora_lib.load_lora(tmp_path / "cp2" / "pytorch_lora_weights.safetensors")
+    for x, y in zip(__import__("jax").tree_util.tree_leaves(a.params), __import__("jax").tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)

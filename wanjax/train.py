@@ -11,7 +11,9 @@ Orchestration only; the math lives in pure step functions (wanjax/losses). Phase
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -253,7 +255,7 @@ def run(config) -> dict:
     from wanjax.checkpoint import Checkpointer, resolve_resume
     from wanjax.metrics import MetricsWriter
     from wanjax.models.transformer import param_shapes
-    from wanjax.sharding import fsdp_shardings, make_mesh, param_shardings
+    from wanjax.sharding import context_size, fsdp_shardings, make_mesh, param_shardings, use_mesh
     from wanjax.transformer_io import materialize
 
     # -- 1. resolve -------------------------------------------------------------------------------------
@@ -325,13 +327,18 @@ def run(config) -> dict:
                            initial_step=start, resume=resume is not None, loss_key=method.loss_key)
     meta = {**method.meta, "method": method.name, "model": model.to_diffusers(), "seed": int(config.seed)}
     fmt = config.lora_export_format
+    # context parallelism: the model's activation constraints (tokens over `context`) refer to the mesh in effect;
+    # without it (context = 1) shardings propagate from the inputs' as before
+    # (jax.set_mesh takes effect when called: make a fresh context manager for each use)
+    activation_mesh = functools.partial(use_mesh, mesh) if context_size(mesh) > 1 else contextlib.nullcontext
     losses = []
     t0 = time.perf_counter()
     step = start
     try:
         while step < total:
             batch = _global_batch(next(iterator), mesh)
-            state, metrics = step_fn(state, method.frozen, batch)
+            with activation_mesh():
+                state, metrics = step_fn(state, method.frozen, batch)
             step += 1
             if step % config.log_every == 0 or step == total:
                 metrics = jax.device_get(metrics)
@@ -344,7 +351,8 @@ def run(config) -> dict:
                 if pusher is not None:
                     pusher.push_checkpoint(step, exported)
             if validator is not None and (step % validator.s.interval == 0 or step == total):
-                _validate(validator, writer, step, method, state)
+                with activation_mesh():
+                    _validate(validator, writer, step, method, state)
         # -- 6. final checkpoint + export -------------------------------------------------------------------
         if ckpt.latest_step() != step:  # a rerun of a finished run resumes at the end: nothing new to save
             ckpt.save(step, state, iterator, meta)
