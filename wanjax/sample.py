@@ -336,7 +336,13 @@ def _run(args: argparse.Namespace) -> int:
     shape = latent_shape(1, config.in_channels, height, width, frames, temporal=vae_config.temporal_factor,
                          spatial=vae_config.spatial_factor)
     latents = jax.random.normal(jax.random.key(args.seed), shape, F32)
-    with tqdm(total=args.num_inference_steps, desc="denoising", disable=jax.process_index() != 0) as bar:
+    import contextlib
+
+    from wanjax.sharding import use_mesh
+
+    activation_mesh = use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with activation_mesh, tqdm(total=args.num_inference_steps, desc="denoising",
+                               disable=jax.process_index() != 0) as bar:
         latents = sample(config, params, latents, prompt_embeds, negative_prompt_embeds=negative,
                          scheduler=args.scheduler, num_inference_steps=args.num_inference_steps,
                          guidance_scale=args.guidance_scale, flow_shift=flow_shift, lora=lora, params_2=params_2,

@@ -177,9 +177,15 @@ def token_spec(mesh, shape: tuple[int, ...]) -> P:
 
 
 def constrain_tokens(x: jax.Array) -> jax.Array:
-    """Keep (B, S, ...) activations split over `context` along S; identity without context parallelism."""
+    """Pin (B, S, ...) activations to the batch split over data x fsdp and the tokens over `context` (`token_spec`)
+    under a mesh in effect (`use_mesh`); identity without one or on one device.
+
+    Without the pin XLA propagates the fsdp-sharded weights' layout into the activations: every device then holds
+    the whole global batch split over the width, plus all-reduces of (B, S, FFN) partial sums (scripts/
+    memory_report.py measured 42 GiB per device on 8 devices for the 1.3B LoRA step at 480x832x81, against 8.7
+    with it)."""
     mesh = current_mesh()
-    if context_size(mesh) == 1:
+    if mesh is None or mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, token_spec(mesh, x.shape)))
 

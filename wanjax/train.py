@@ -255,7 +255,7 @@ def run(config) -> dict:
     from wanjax.checkpoint import Checkpointer, resolve_resume
     from wanjax.metrics import MetricsWriter
     from wanjax.models.transformer import param_shapes
-    from wanjax.sharding import context_size, fsdp_shardings, make_mesh, param_shardings, use_mesh
+    from wanjax.sharding import fsdp_shardings, make_mesh, param_shardings, use_mesh
     from wanjax.transformer_io import materialize
 
     # -- 1. resolve -------------------------------------------------------------------------------------
@@ -327,10 +327,9 @@ def run(config) -> dict:
                            initial_step=start, resume=resume is not None, loss_key=method.loss_key)
     meta = {**method.meta, "method": method.name, "model": model.to_diffusers(), "seed": int(config.seed)}
     fmt = config.lora_export_format
-    # context parallelism: the model's activation constraints (tokens over `context`) refer to the mesh in effect;
-    # without it (context = 1) shardings propagate from the inputs' as before
-    # (jax.set_mesh takes effect when called: make a fresh context manager for each use)
-    activation_mesh = functools.partial(use_mesh, mesh) if context_size(mesh) > 1 else contextlib.nullcontext
+    # the model's activation constraints (batch over data x fsdp, tokens over `context`) refer to the mesh in
+    # effect; jax.set_mesh takes effect when called, so each use makes a fresh context manager
+    activation_mesh = functools.partial(use_mesh, mesh) if mesh.size > 1 else contextlib.nullcontext
     losses = []
     t0 = time.perf_counter()
     step = start

@@ -231,7 +231,7 @@ def dmd_step(
     schedule: Callable,
     ema_update: Callable | None = None,
     max_latent_frames: int | None = None,
-    fm_loss: Callable | None = None,  # (gen_params, frozen, batch, rng) -> loss, for flow_matching_weight > 0
+    fm_loss: Callable | None = None,  # (gen_params, batch, rng) -> loss, for flow_matching_weight > 0
 ) -> tuple[DMDState, dict]:
     """DMD2: critic updated every optimizer step, generator on every N-th (N = generator_update_interval)."""
 
