@@ -1,0 +1,92 @@
+"""scripts/bench.py and scripts/memory_report.py run and report sane numbers (subprocesses, CPU)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # memory_report sets its own device count; bench runs on one device
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_bench(report: dict, names: list[str]) -> None:
+    for key in ("date", "device", "jax_version", "tokens", "params", "benchmarks"):
+        assert key in report, key
+    assert report["device"]["platform"] == "cpu"
+    for name in names:
+        b = report["benchmarks"][name]
+        assert "error" not in b, (name, b)
+        for key in ("step_time_s", "tokens_per_s", "analytic_flops", "tflops", "model_tflops", "compile_s"):
+            assert _positive(b[key]), (name, key, b[key])
+        assert b["mfu"] is None and b["peak_memory_bytes"] is None  # CPU: no peak, no memory stats
+        assert len(b["step_times_s"]) == report["steps"]
+
+
+def test_bench_tiny_with_torch():
+    names = ["lora_train_step", "sample_step"]
+    out = _run("bench.py", "--model", "tiny", "--steps", "2", "--warmup", "0", "--text-len", "16", "--bench",
+               ",".join(names), "--vs-torch")
+    report = json.loads(out)
+    _check_bench(report, names)
+    torch_step = report["torch_lora_train_step"]
+    assert "error" not in torch_step, torch_step
+    assert _positive(torch_step["step_time_s"]) and _positive(report["ratio_torch_over_jax"])
+    inter = torch_step["interleaved"]  # JAX and torch re-timed alternately
+    assert len(inter["jax_step_times_s"]) == len(inter["torch_step_times_s"]) == report["steps"]
+    assert report["ratio_torch_over_jax"] == inter["ratio_torch_over_jax"]
+    # same adapter on both sides: rank 16 on attn1/attn2 q, k, v, out of every block
+    assert torch_step["trainable_params"] == report["benchmarks"]["lora_train_step"]["trainable_params"]
+
+
+@pytest.mark.slow
+def test_bench_small_all():
+    names = ["lora_train_step", "dmd_generator_step", "dmd_critic_step", "sample_step"]
+    report = json.loads(_run("bench.py", "--small", "--steps", "2", "--vs-torch"))
+    _check_bench(report, names)
+    assert _positive(report["ratio_torch_over_jax"])
+    g, c = report["benchmarks"]["dmd_generator_step"], report["benchmarks"]["dmd_critic_step"]
+    assert g["forward_equivalents"] > c["forward_equivalents"] > report["benchmarks"]["lora_train_step"][
+        "forward_equivalents"]
+
+
+def _rows(out: str) -> dict:
+    rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+    for r in rows:
+        assert "error" not in r, r
+    return {r["devices"]: r for r in rows}
+
+
+def test_memory_report_sharding_divides_arguments():
+    """fsdp=8 holds ~1/8 of the base and trainables per device: a check that the arguments really are sharded."""
+    out = _run("memory_report.py", "--model", "tiny-wide", "--method", "lora", "--devices", "1,8", "--frames", "5",
+               "--height", "32", "--width", "32", "--text-len", "8")
+    rows = _rows(out)
+    one, eight = rows[1], rows[8]
+    for r in (one, eight):
+        pd = r["per_device"]
+        for key in ("argument_bytes", "output_bytes", "temp_bytes", "peak_estimate_bytes"):
+            assert _positive(pd[key]), (key, pd[key])
+        assert pd["argument_bytes"] == pd["expected_argument_bytes"]  # the layout we asked for, per device
+        assert r["fits_80GB"] is True and r["analytic"]["fits_80GB"] is True
+        assert pd["peak_estimate_bytes"] == (pd["argument_bytes"] + pd["temp_bytes"] + pd["output_bytes"]
+                                             - pd["alias_bytes"])
+    assert eight["mesh"]["fsdp"] == 8 and eight["latents_global"][0] == 8  # batch 1 per device
+    ratio = eight["per_device"]["argument_bytes"] / one["per_device"]["argument_bytes"]
+    assert 1 / 8 <= ratio < 0.16, ratio
+    assert eight["analytic"]["base_bytes"] < one["analytic"]["base_bytes"] / 6
