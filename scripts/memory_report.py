@@ -10,8 +10,9 @@ LoRA flow matching; DMD generator + critic LoRAs over one base; DCM semantic) is
 `jax.ShapeDtypeStruct`s (bf16 with diffusers' float32 modules, nothing allocated), lowered with the trainer's
 shardings (base: `param_shardings`, trainables: `fsdp_shardings`, batch: `batch_sharding`) on a mesh of N devices
 (fsdp=N; N > 1 simulated on CPU with XLA_FLAGS=--xla_force_host_platform_device_count, set here by re-executing),
-compiled, and XLA's memory analysis read. `dmd_generator` / `dmd_critic` are the two halves of the DMD step
-compiled alone. `--batch` is per device: the global batch is batch x N (the trainer needs it divisible by N).
+compiled, and XLA's memory analysis read. `dmd_generator` / `dmd_critic` are the two programs the trainer runs per
+DMD step (`Method.phases`), each compiled alone. `--batch` is per device: the global batch is batch x N (the
+trainer needs it divisible by N).
 
 Printed per line: per-device argument / output / temp / alias / generated-code bytes, peak estimate =
 arguments + temporaries + outputs - aliased, `fits_80GB` (peak <= 76 GiB: 80 GB less ~5% for the CUDA context
@@ -159,54 +160,26 @@ def build_method(method: str, model, base, text_embeds: dict, overrides: dict | 
     name = {"lora": "lora", "dcm": "dcm"}.get(method, "dmd")
     built = methods.build(name, ctx)
     if method in ("dmd_generator", "dmd_critic"):
-        built = dataclasses.replace(built, step=_dmd_half(method, ctx))
+        built = dataclasses.replace(built, step=_dmd_half(method, built))
     return built, c
 
 
-def _dmd_half(method: str, ctx):
-    """One half of `dmd_step` compiled alone (same loss functions): the generator update (rollout, student grad,
-    critic and teacher-CFG scores) or the critic update (rollout, student sample, critic grad)."""
+def _dmd_half(method: str, built):
+    """One of the trainer's two DMD programs (`Method.phases`): the generator phase (rollout, student update) or
+    the critic phase (critic update on the student's sample; its input sample is zeros of the right shape here)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from wanjax import optim
-    from wanjax.losses import dmd as dmdlib
-    from wanjax.methods.dmd import critic_optimizer, dmd_config
-    from wanjax.models.transformer import transformer_forward
+    generator_phase, critic_phase = built.phases
+    if method == "dmd_generator":
+        return generator_phase
 
-    cfg = dmd_config(ctx.config)
-    wrap = ctx.lora_spec().wrap
-    gen_opt, crit_opt = optim.make_optimizer(ctx.optim), critic_optimizer(ctx.config.distillation_config)
+    def critic_only(state, frozen, batch):
+        carry = jax.eval_shape(generator_phase, state, frozen, batch)[1]
+        carry = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), carry)
+        return critic_phase(state, frozen, batch, carry)
 
-    def step(state, frozen, batch):
-        def denoise(adapter, x, sigma, c):
-            return transformer_forward(ctx.model, frozen.params, x, 1000.0 * sigma, c, lora=adapter)
-
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        k_exit, k_noise, k_roll, k_loss = jax.random.split(rng, 4)
-        cond = batch["prompt_embeds"].astype(jnp.float32)
-        uncond = jnp.broadcast_to(frozen.uncond.astype(jnp.float32)[None], cond.shape)
-        sigmas = jnp.asarray(dmdlib.student_sigmas(cfg))
-        exit_k = dmdlib.sample_exit(k_exit, cfg)
-        noise = jax.random.normal(k_noise, batch["latents"].shape, jnp.float32)
-        x_k = jax.lax.stop_gradient(dmdlib.rollout(denoise, wrap(state.gen), noise, cond, sigmas, exit_k, k_roll))
-        if method == "dmd_generator":
-            (loss, _), grads = jax.value_and_grad(dmdlib.dmd_generator_loss, has_aux=True)(
-                state.gen, denoise, wrap, wrap(state.critic), x_k, sigmas[exit_k], cond, uncond, k_loss, cfg, sigmas,
-                exit_k)
-            updates, opt = gen_opt.update(grads, state.gen_opt, state.gen)
-            new = state.replace(step=state.step + 1, gen=optax.apply_updates(state.gen, updates), gen_opt=opt)
-            return new, {"dmd_loss": loss}
-        s = jnp.full((x_k.shape[0],), sigmas[exit_k])
-        x_gen = dmdlib.x0_from_velocity(x_k, s, denoise(wrap(state.gen), x_k, s, cond).astype(jnp.float32))
-        loss, grads = jax.value_and_grad(dmdlib.critic_loss)(state.critic, denoise, wrap, x_gen, cond, k_loss, cfg,
-                                                             sigmas, exit_k)
-        updates, opt = crit_opt.update(grads, state.critic_opt, state.critic)
-        new = state.replace(step=state.step + 1, critic=optax.apply_updates(state.critic, updates), critic_opt=opt)
-        return new, {"fake_score_loss": loss}
-
-    return step
+    return critic_only
 
 
 def mesh_context(mesh):

@@ -319,8 +319,18 @@ def run(config) -> dict:
     # -- 5. hub, the loop ---------------------------------------------------------------------------------
     pusher = hub.pusher_from_config(config)
 
-    step_fn = jax.jit(method.step, in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, None),
-                      donate_argnums=(0,))
+    if method.phases is None:
+        step_fn = jax.jit(method.step, in_shardings=(state_shardings, None, None),
+                          out_shardings=(state_shardings, None), donate_argnums=(0,))
+    else:  # two programs (e.g. DMD's generator then critic update): lower peak memory
+        phase_1 = jax.jit(method.phases[0], in_shardings=(state_shardings, None, None),
+                          out_shardings=(state_shardings, None), donate_argnums=(0,))
+        phase_2 = jax.jit(method.phases[1], in_shardings=(state_shardings, None, None, None),
+                          out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+        def step_fn(state, frozen, batch):
+            state, carry = phase_1(state, frozen, batch)
+            return phase_2(state, frozen, batch, carry)
     total = int(config.max_train_steps)
     writer = MetricsWriter(output_dir, report_to=config.report_to, project=config.tracker_project_name,
                            run_name=config.tracker_run_name, config=config.to_dict(), total_steps=total,

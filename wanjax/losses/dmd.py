@@ -217,7 +217,20 @@ class DMDFrozen:
     uncond: jax.Array  # (L, D) negative- or empty-prompt embedding for CFG
 
 
-def dmd_step(
+def _step_keys(state: DMDState) -> list[jax.Array]:
+    """k_exit, k_noise, k_roll, k_gen, k_critic, k_fm of this optimizer step (both phases derive the same)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    return list(jax.random.split(rng, 6))
+
+
+def _denoiser(forward: Callable, frozen: DMDFrozen) -> Callable:
+    def denoise(adapter, x, sigma, ctx):
+        return forward(frozen.params, adapter, x, 1000.0 * sigma, ctx)
+
+    return denoise
+
+
+def dmd_generator_phase(
     state: DMDState,
     frozen: DMDFrozen,
     batch: dict,
@@ -227,19 +240,14 @@ def dmd_step(
     critic_adapter: Callable,
     cfg: DMDConfig,
     gen_optimizer: optax.GradientTransformation,
-    critic_optimizer: optax.GradientTransformation,
-    schedule: Callable,
-    ema_update: Callable | None = None,
     max_latent_frames: int | None = None,
     fm_loss: Callable | None = None,  # (gen_params, batch, rng) -> loss, for flow_matching_weight > 0
 ) -> tuple[DMDState, dict]:
-    """DMD2: critic updated every optimizer step, generator on every N-th (N = generator_update_interval)."""
-
-    def denoise(adapter, x, sigma, ctx):
-        return forward(frozen.params, adapter, x, 1000.0 * sigma, ctx)
-
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_exit, k_noise, k_roll, k_gen, k_critic, k_fm = jax.random.split(rng, 6)
+    """First half of a DMD2 step: backward simulation, then (every N-th step) the generator update. Returns the
+    state with the new student (step not advanced) and the carry for `dmd_critic_phase`: the pre-update student's
+    sample `x_gen` and the generator's metrics."""
+    denoise = _denoiser(forward, frozen)
+    k_exit, k_noise, k_roll, k_gen, _, k_fm = _step_keys(state)
     cond = batch["prompt_embeds"].astype(jnp.float32)
     uncond = jnp.broadcast_to(frozen.uncond.astype(jnp.float32)[None], cond.shape)
     shape = batch["latents"].shape
@@ -271,17 +279,66 @@ def dmd_step(
         return state.gen, state.gen_opt, nan, nan, x_gen
 
     gen, gen_opt, dmd_loss, gen_norm, x_gen = jax.lax.cond(update_gen, update, skip, None)
+    carry = {"x_gen": x_gen, "dmd_loss": dmd_loss, "generator_grad_norm": gen_norm,
+             "generator_updated": update_gen.astype(jnp.float32), "exit_step": exit_k.astype(jnp.float32)}
+    return state.replace(gen=gen, gen_opt=gen_opt), carry
 
-    # critic on the (pre-update) student's sample, without gradient into the student
-    c_loss, c_grads = jax.value_and_grad(critic_loss)(state.critic, denoise, critic_adapter, x_gen, cond, k_critic,
-                                                      cfg, sigmas, exit_k)
+
+def dmd_critic_phase(
+    state: DMDState,
+    frozen: DMDFrozen,
+    batch: dict,
+    carry: dict,
+    *,
+    forward: Callable,
+    critic_adapter: Callable,
+    cfg: DMDConfig,
+    critic_optimizer: optax.GradientTransformation,
+    schedule: Callable,
+    ema_update: Callable | None = None,
+) -> tuple[DMDState, dict]:
+    """Second half: the critic's flow loss on the (pre-update) student's sample `carry["x_gen"]` (no gradient into
+    the student), its update, the student EMA; advances the step. Returns (state, the step's metrics)."""
+    denoise = _denoiser(forward, frozen)
+    k_exit, _, _, _, k_critic, _ = _step_keys(state)
+    cond = batch["prompt_embeds"].astype(jnp.float32)
+    sigmas = jnp.asarray(student_sigmas(cfg))
+    exit_k = sample_exit(k_exit, cfg)
+    c_loss, c_grads = jax.value_and_grad(critic_loss)(state.critic, denoise, critic_adapter, carry["x_gen"], cond,
+                                                      k_critic, cfg, sigmas, exit_k)
     c_updates, critic_opt = critic_optimizer.update(c_grads, state.critic_opt, state.critic)
     critic = optax.apply_updates(state.critic, c_updates)
-    ema = state.ema if ema_update is None else ema_update(state.ema, gen, state.step + 1)
+    ema = state.ema if ema_update is None else ema_update(state.ema, state.gen, state.step + 1)
     metrics = {
-        "dmd_loss": dmd_loss, "fake_score_loss": c_loss, "generator_grad_norm": gen_norm,
-        "fake_score_grad_norm": optax.global_norm(c_grads), "generator_updated": update_gen.astype(jnp.float32),
-        "exit_step": exit_k.astype(jnp.float32), "lr": schedule(state.step),
+        "dmd_loss": carry["dmd_loss"], "fake_score_loss": c_loss, "generator_grad_norm": carry["generator_grad_norm"],
+        "fake_score_grad_norm": optax.global_norm(c_grads), "generator_updated": carry["generator_updated"],
+        "exit_step": carry["exit_step"], "lr": schedule(state.step),
     }
-    new = state.replace(step=state.step + 1, gen=gen, gen_opt=gen_opt, critic=critic, critic_opt=critic_opt, ema=ema)
+    new = state.replace(step=state.step + 1, critic=critic, critic_opt=critic_opt, ema=ema)
     return new, metrics
+
+
+def dmd_step(
+    state: DMDState,
+    frozen: DMDFrozen,
+    batch: dict,
+    *,
+    forward: Callable,  # (base_params, adapter or None, x, t (B,), context) -> velocity
+    gen_adapter: Callable,  # params -> adapter object
+    critic_adapter: Callable,
+    cfg: DMDConfig,
+    gen_optimizer: optax.GradientTransformation,
+    critic_optimizer: optax.GradientTransformation,
+    schedule: Callable,
+    ema_update: Callable | None = None,
+    max_latent_frames: int | None = None,
+    fm_loss: Callable | None = None,  # (gen_params, batch, rng) -> loss, for flow_matching_weight > 0
+) -> tuple[DMDState, dict]:
+    """DMD2: critic updated every optimizer step, generator on every N-th (N = generator_update_interval).
+    The composition of `dmd_generator_phase` and `dmd_critic_phase` (the trainer runs them as two programs, so
+    the generator's and the critic's saved activations are never live at once)."""
+    state, carry = dmd_generator_phase(state, frozen, batch, forward=forward, gen_adapter=gen_adapter,
+                                       critic_adapter=critic_adapter, cfg=cfg, gen_optimizer=gen_optimizer,
+                                       max_latent_frames=max_latent_frames, fm_loss=fm_loss)
+    return dmd_critic_phase(state, frozen, batch, carry, forward=forward, critic_adapter=critic_adapter, cfg=cfg,
+                            critic_optimizer=critic_optimizer, schedule=schedule, ema_update=ema_update)

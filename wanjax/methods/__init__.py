@@ -57,6 +57,10 @@ class Method:
     # validation: (state, ema: bool, noise (1,C,T,h,w), cond (1,L,D), uncond (1,L,D), key, validator) -> latents,
     # with the method's own sampler (wanjax.validation); None: no validation videos
     sample: Callable[..., Any] | None = None
+    # optional (phase_1 (state, frozen, batch) -> (state, carry), phase_2 (state, frozen, batch, carry) ->
+    # (state, metrics)) whose composition is `step`: the trainer compiles them as two programs so their
+    # activations are never live at once (DMD: generator update, then critic update)
+    phases: tuple[Callable[..., Any], Callable[..., Any]] | None = None
 
 
 def build(name: str, ctx: Context) -> Method:

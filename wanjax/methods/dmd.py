@@ -93,13 +93,20 @@ def build(ctx: Context) -> Method:
         ema_update = functools.partial(optim.ema_update, decay=c.ema_decay, update_interval=c.ema_update_interval)
     frozen = dmdlib.DMDFrozen(params=ctx.base, uncond=ctx.text_embeds.get("negative", empty))
 
-    def step(state, frozen, batch):
-        return dmdlib.dmd_step(
+    def generator_phase(state, frozen, batch):
+        return dmdlib.dmd_generator_phase(
             state, frozen, batch, forward=forward, gen_adapter=spec.wrap, critic_adapter=spec.wrap, cfg=cfg,
-            gen_optimizer=gen_opt, critic_optimizer=crit_opt, schedule=schedule, ema_update=ema_update,
-            max_latent_frames=int(d.num_training_frames) if d.num_training_frames else None,
+            gen_optimizer=gen_opt, max_latent_frames=int(d.num_training_frames) if d.num_training_frames else None,
             fm_loss=(lambda p, b, r: fm_loss(p, b, r, frozen.params)) if cfg.flow_matching_weight > 0 else None,
         )
+
+    def critic_phase(state, frozen, batch, carry):
+        return dmdlib.dmd_critic_phase(state, frozen, batch, carry, forward=forward, critic_adapter=spec.wrap,
+                                       cfg=cfg, critic_optimizer=crit_opt, schedule=schedule, ema_update=ema_update)
+
+    def step(state, frozen, batch):  # dmd_step: the two phases in one program
+        state, carry = generator_phase(state, frozen, batch)
+        return critic_phase(state, frozen, batch, carry)
 
     def exports(state, final: bool):
         gen = state.ema if (final and state.ema is not None) else state.gen
@@ -121,4 +128,5 @@ def build(ctx: Context) -> Method:
         return student(ctx.base, state.ema if ema else state.gen, noise, cond, uncond, key,
                        guidance=float(validator.s.guidance))
 
-    return Method("dmd", init_state, step, frozen, exports, meta, loss_key="fake_score_loss", sample=sample)
+    return Method("dmd", init_state, step, frozen, exports, meta, loss_key="fake_score_loss", sample=sample,
+                  phases=(generator_phase, critic_phase))
