@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_MODEL, base_config  # noqa: E402
+from common import DEFAULT_MODEL, NEGATIVE_PROMPT, base_config  # noqa: E402
 
 VARIANTS = ("", "tiny", "tiny_fine")
 
@@ -57,6 +57,18 @@ def get_config(arg=None):
     c.tracker_run_name = "wan-AdamW-DCM"
     c.model.remat_policy = "full"  # gradient_checkpointing
 
+    # -- validation (the seed's; wanjax/validation.py) ---------------------------------------------------
+    c.validation_prompt = "A black and white animated scene unfolds featuring a distressed upright cow with prominent horns and expressive eyes, suspended by its legs from a hook on a static background wall. A smaller Mickey Mouse-like character enters, standing near a wooden bench, initiating interaction between the two. The cow's posture changes as it leans, stretches, and falls, while the mouse watches with a concerned expression, its face a mixture of curiosity and worry, in a world devoid of color."
+    c.validation_negative_prompt = NEGATIVE_PROMPT
+    c.validation_step_interval = 4
+    c.validation_resolution = "832x480"
+    c.validation_num_video_frames = 16
+    c.validation_guidance = 1.0
+    c.validation_num_inference_steps = 8
+    c.validation_seed = 42
+    c.ema_validation = "ema_only"
+    c.hub_model_id = "wan-disney-DCM-distilled"  # the seed also pushes: --config.push_to_hub=true --config.push_checkpoints_to_hub=true
+
     if arg in ("tiny", "tiny_fine"):
         c.tiny_assets_dir = "cache/tiny-wan"
         c.pretrained_model_name_or_path = "cache/tiny-wan/pipeline"
@@ -75,6 +87,8 @@ def get_config(arg=None):
         c.lora_alpha = 4.0
         c.mixed_precision = "fp32"
         c.model.remat_policy = "none"
+        c.validation_step_interval = 0  # off; when turned on, a CPU-sized clip:
+        c.validation_resolution, c.validation_num_video_frames, c.validation_num_inference_steps = "48x32", 9, 2
         c.report_to = "none"
         c.tracker_run_name = f"{arg}-dcm"
     if arg == "tiny_fine":

@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_MODEL, base_config  # noqa: E402
+from common import DEFAULT_MODEL, NEGATIVE_PROMPT, base_config  # noqa: E402
 
 VARIANTS = ("", "tiny")
 
@@ -46,6 +46,18 @@ def get_config(arg=None):
     c.tracker_run_name = "wan-adamW"
     c.model.remat_policy = "full"  # gradient_checkpointing: true
 
+    # -- validation (the seed's; wanjax/validation.py) ---------------------------------------------------
+    c.validation_prompt = '两只拟人化的猫咪身穿舒适的拳击装备，戴着鲜艳的手套，在聚光灯照射的舞台上激烈对战'
+    c.validation_negative_prompt = NEGATIVE_PROMPT
+    c.validation_step_interval = 100
+    c.validation_resolution = "832x480"
+    c.validation_num_video_frames = 81
+    c.validation_guidance = 5.2
+    c.validation_num_inference_steps = 40
+    c.validation_seed = 42
+    c.ema_validation = "ema_only"
+    c.hub_model_id = "wan-disney"  # the seed also pushes: --config.push_to_hub=true --config.push_checkpoints_to_hub=true
+
     if arg == "tiny":
         # the whole job offline: generated clips -> JAX VAE + UMT5 -> cache (first run) -> LoRA training
         c.tiny_assets_dir = "cache/tiny-wan"
@@ -68,6 +80,8 @@ def get_config(arg=None):
         c.lora_rank = 4
         c.mixed_precision = "fp32"
         c.model.remat_policy = "none"
+        c.validation_step_interval = 0  # off; when turned on, a CPU-sized clip:
+        c.validation_resolution, c.validation_num_video_frames, c.validation_num_inference_steps = "48x32", 9, 2
         c.report_to = "none"
         c.tracker_run_name = "tiny-lora"
     return c

@@ -320,15 +320,20 @@ def test_validation_every_two_steps_writes_playable_videos(assets, tmp_path):
 
 
 def test_validation_settings_refused_before_compute(assets, tmp_path):
-    with pytest.raises(ConfigError, match="validation_num_video_frames=10: Wan clips have 4k\\+1 frames"):
+    with pytest.raises(ConfigError, match="validation_num_video_frames=0: expected >= 1"):
         run(tiny_config(assets, tmp_path / "a", validation_step_interval=2, validation_prompt="x",
-                        validation_num_video_frames=10))
+                        validation_num_video_frames=0))
     with pytest.raises(ConfigError, match="validation_resolution 50x32: width and height must be multiples of 16"):
         run(tiny_config(assets, tmp_path / "b", validation_step_interval=2, validation_prompt="x",
                         validation_resolution="50x32"))
     with pytest.raises(ConfigError, match="no validation_prompt or validation_prompt_library"):
-        run(tiny_config(assets, tmp_path / "c", validation_step_interval=2))
+        run(tiny_config(assets, tmp_path / "c", validation_step_interval=2, validation_prompt=None))
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    from wanjax import validation
+
+    c = tiny_config(assets, tmp_path / "d", validation_step_interval=2, validation_prompt="x",
+                    validation_num_video_frames=16)  # the DCM seed's: WanPipeline rounds 16 // 4 * 4 + 1 = 17
+    assert validation.settings_from_config(c).frames == 17
 
 
 def test_context_parallel_training_matches(assets, tmp_path):

@@ -119,8 +119,12 @@ def settings_from_config(config) -> ValidationSettings | None:
     if ema not in EMA_CHOICES:
         raise ValidationConfigError(f"ema_validation={ema!r}: expected one of {EMA_CHOICES}")
     frames = int(config.validation_num_video_frames)
-    if frames < 1 or (frames - 1) % 4:
-        raise ValidationConfigError(f"validation_num_video_frames={frames}: Wan clips have 4k+1 frames (e.g. 81)")
+    if frames < 1:
+        raise ValidationConfigError(f"validation_num_video_frames={frames}: expected >= 1 (Wan clips have 4k+1 frames)")
+    if (frames - 1) % 4:  # WanPipeline rounds the same way, with a warning (the DCM seed asks for 16)
+        logger.warning("validation_num_video_frames=%d is not 4k+1: rounded to %d, as WanPipeline does", frames,
+                       frames // 4 * 4 + 1)
+        frames = frames // 4 * 4 + 1
     sizes = parse_resolution(config.validation_resolution)
     for w, h in sizes:
         if w % 16 or h % 16:
