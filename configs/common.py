@@ -11,6 +11,14 @@ DEFAULT_MODEL = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 # Wan's own negative prompt (the seeds' validation_negative_prompt)
 NEGATIVE_PROMPT = '色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走'
 
+# the DMD and DCM seeds' validation prompt
+COW_PROMPT = (
+    "A black and white animated scene unfolds featuring a distressed upright cow with prominent horns and"
+    " expressive eyes, suspended by its legs from a hook on a static background wall. A smaller Mickey Mo"
+    "use-like character enters, standing near a wooden bench, initiating interaction between the two. The"
+    " cow's posture changes as it leans, stretches, and falls, while the mouse watches with a concerned e"
+    "xpression, its face a mixture of curiosity and worry, in a world devoid of color."
+)
 
 def base_config() -> ConfigDict:
     c = ConfigDict()
@@ -172,3 +180,39 @@ def base_config() -> ConfigDict:
     c.log_every = 1
     c.lora_export_format = "diffusers"  # diffusers | comfyui
     return c
+
+
+def seed_validation(c: ConfigDict, *, prompt: str, interval: int, resolution: str, frames: int, guidance: float,
+                    steps: int, hub_model_id: str) -> None:
+    """A seed config's validation block (wanjax/validation.py) and hub id; Wan's negative prompt, seed 42, EMA
+    weights. The seeds also push (`--config.push_to_hub=true --config.push_checkpoints_to_hub=true`)."""
+    c.validation_prompt = prompt
+    c.validation_negative_prompt = NEGATIVE_PROMPT
+    c.validation_step_interval = interval
+    c.validation_resolution = resolution
+    c.validation_num_video_frames = frames
+    c.validation_guidance = guidance
+    c.validation_num_inference_steps = steps
+    c.validation_seed = 42
+    c.ema_validation = "ema_only"
+    c.hub_model_id = hub_model_id
+
+
+def tiny(c: ConfigDict, *, run_name: str) -> None:
+    """What every `:tiny` variant shares: the embedded tiny pipeline (built offline on first use), 8-sample batches
+    (divisible by up to 8 data-parallel devices), AdamW at a constant 1e-3, a rank-4 LoRA, float32 without remat,
+    no tracker, and validation off (a CPU-sized 48x32x9 clip in 2 steps when turned on)."""
+    c.tiny_assets_dir = "cache/tiny-wan"
+    c.pretrained_model_name_or_path = "cache/tiny-wan/pipeline"
+    c.train_batch_size = 8
+    c.optimizer = "adamw"
+    c.learning_rate = 1e-3
+    c.lr_scheduler = "constant"
+    c.lr_warmup_steps = 0
+    c.lora_rank = 4
+    c.mixed_precision = "fp32"
+    c.model.remat_policy = "none"
+    c.report_to = "none"
+    c.tracker_run_name = run_name
+    c.validation_step_interval = 0
+    c.validation_resolution, c.validation_num_video_frames, c.validation_num_inference_steps = "48x32", 9, 2

@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DEFAULT_MODEL, NEGATIVE_PROMPT, base_config  # noqa: E402
+from common import COW_PROMPT, DEFAULT_MODEL, base_config, seed_validation, tiny  # noqa: E402
 
 VARIANTS = ("", "tiny", "tiny_prompts")
 
@@ -54,38 +54,17 @@ def get_config(arg=None):
     c.tracker_run_name = "wan-DMD-3step"
     c.model.remat_policy = "full"
 
-    # -- validation (the seed's; wanjax/validation.py) ---------------------------------------------------
-    c.validation_prompt = "A black and white animated scene unfolds featuring a distressed upright cow with prominent horns and expressive eyes, suspended by its legs from a hook on a static background wall. A smaller Mickey Mouse-like character enters, standing near a wooden bench, initiating interaction between the two. The cow's posture changes as it leans, stretches, and falls, while the mouse watches with a concerned expression, its face a mixture of curiosity and worry, in a world devoid of color."
-    c.validation_negative_prompt = NEGATIVE_PROMPT
-    c.validation_step_interval = 200
-    c.validation_resolution = "1280x704"
-    c.validation_num_video_frames = 121
-    c.validation_guidance = 1.0
-    c.validation_num_inference_steps = 3
-    c.validation_seed = 42
-    c.ema_validation = "ema_only"
-    c.hub_model_id = "wan-disney-DMD-3step"  # the seed also pushes: --config.push_to_hub=true --config.push_checkpoints_to_hub=true
+    seed_validation(c, prompt=COW_PROMPT, interval=200,
+                    resolution="1280x704", frames=121, guidance=1.0, steps=3,
+                    hub_model_id="wan-disney-DMD-3step")
 
     if arg in ("tiny", "tiny_prompts"):
-        c.tiny_assets_dir = "cache/tiny-wan"
-        c.pretrained_model_name_or_path = "cache/tiny-wan/pipeline"
+        tiny(c, run_name="tiny-dmd")
+        c.lora_alpha = 4.0
         c.cache_dir = "cache/tiny-wan/latents"
         c.output_dir = "output/tiny-dmd"
         c.max_train_steps = 6
         c.checkpoint_step_interval = 3
-        c.train_batch_size = 8
-        c.optimizer = "adamw"
-        c.learning_rate = 1e-3
-        c.lr_scheduler = "constant"
-        c.lr_warmup_steps = 0
-        c.lora_rank = 4
-        c.lora_alpha = 4.0
-        c.mixed_precision = "fp32"
-        c.model.remat_policy = "none"
-        c.validation_step_interval = 0  # off; when turned on, a CPU-sized clip:
-        c.validation_resolution, c.validation_num_video_frames, c.validation_num_inference_steps = "48x32", 9, 2
-        c.report_to = "none"
-        c.tracker_run_name = "tiny-dmd"
         c.distillation_config.fake_score_lr = 1e-3
         c.distillation_config.generator_update_interval = 2
     if arg == "tiny_prompts":
