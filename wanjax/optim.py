@@ -261,6 +261,17 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def clipped_adamw(lr: float, betas, eps: float, weight_decay: float, grad_clip: float | None
+                  ) -> optax.GradientTransformation:
+    """torch AdamW after a torch-style gradient-norm clip (none when grad_clip is unset or <= 0): the auxiliary
+    networks' own optimizers (DMD critic: fake_score_*, DCM discriminator: discriminator_*)."""
+    b1, b2 = (float(b) for b in betas)
+    adamw = optax.adamw(float(lr), b1=b1, b2=b2, eps=float(eps), weight_decay=float(weight_decay))
+    if grad_clip and float(grad_clip) > 0:
+        return optax.chain(clip_by_global_norm_torch(float(grad_clip)), adamw)
+    return adamw
+
+
 def make_clip(cfg: OptimConfig) -> optax.GradientTransformation | None:
     """SimpleTuner's clipping: "value" = torch clip_grad_value_ (each element to [-m, m]), "norm" = clip_grad_norm_.
 

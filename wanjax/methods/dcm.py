@@ -60,12 +60,8 @@ def dcm_config(c, model: WanConfig | None = None) -> dcmlib.DCMConfig:
 
 def discriminator_optimizer(d) -> optax.GradientTransformation:
     """AdamW (discriminator_lr, betas, eps, weight decay) after a torch-style gradient-norm clip."""
-    b1, b2 = (float(b) for b in d.discriminator_betas)
-    adamw = optax.adamw(float(d.discriminator_lr), b1=b1, b2=b2, eps=float(d.discriminator_eps),
-                        weight_decay=float(d.discriminator_weight_decay))
-    if d.discriminator_grad_clip and float(d.discriminator_grad_clip) > 0:
-        return optax.chain(optim.clip_by_global_norm_torch(float(d.discriminator_grad_clip)), adamw)
-    return adamw
+    return optim.clipped_adamw(d.discriminator_lr, d.discriminator_betas, d.discriminator_eps,
+                               d.discriminator_weight_decay, d.discriminator_grad_clip)
 
 
 def build(ctx: Context) -> Method:

@@ -50,12 +50,8 @@ def dmd_config(c) -> dmdlib.DMDConfig:
 
 def critic_optimizer(d) -> optax.GradientTransformation:
     """The critic's own AdamW (fake_score_*) after a gradient-norm clip (fake_score_grad_clip)."""
-    b1, b2 = (float(b) for b in d.fake_score_betas)
-    adamw = optax.adamw(float(d.fake_score_lr), b1=b1, b2=b2, eps=float(d.fake_score_eps),
-                        weight_decay=float(d.fake_score_weight_decay))
-    if d.fake_score_grad_clip and float(d.fake_score_grad_clip) > 0:
-        return optax.chain(optim.clip_by_global_norm_torch(float(d.fake_score_grad_clip)), adamw)
-    return adamw
+    return optim.clipped_adamw(d.fake_score_lr, d.fake_score_betas, d.fake_score_eps, d.fake_score_weight_decay,
+                               d.fake_score_grad_clip)
 
 
 def build(ctx: Context) -> Method:
