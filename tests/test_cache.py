@@ -198,6 +198,14 @@ def test_side_files_and_trainer_reads_cache(one_process):
     val = records.read_text_embeds(out / records.VALIDATION_PROMPTS_FILE)
     assert sorted(val) == ["validation_negative_prompt", "validation_prompt"]
     assert val["validation_prompt"].shape == (4, D) and val["validation_negative_prompt"].shape == (2, D)
+    # the trainer finds the negative prompt by its text (distillation CFG's unconditional branch)
+    from wanjax.train import _cached_text_embeds
+
+    embeds = _cached_text_embeds(out, TEXT_LEN, jax.sharding.Mesh(jax.devices()[:1], ("data",)), "blurry")
+    np.testing.assert_array_equal(np.asarray(embeds["negative"])[:2], val["validation_negative_prompt"].astype(np.float32))
+    assert not np.asarray(embeds["negative"])[2:].any() and embeds["empty"].shape == (TEXT_LEN, D)
+    assert "negative" not in _cached_text_embeds(out, TEXT_LEN, jax.sharding.Mesh(jax.devices()[:1], ("data",)),
+                                                  "another negative")
     it = make_batch_iterator(out, global_batch_size=1, seed=0, num_epochs=1)
     seen = [str(b["keys"][0]) for b in it]
     assert sorted(seen) == sorted(list(GOOD) + ["more/a_red_ball.mp4"] * 2)  # repeats 2: seen 3 times

@@ -415,8 +415,10 @@ def cache(tmp_path_factory):
     rng = np.random.default_rng(9)
     records.write_text_embeds(directory / "empty_prompt.safetensors",
                               {"empty": rng.standard_normal((1, 32)).astype(np.float32)})
+    negative = _get_config("tiny").validation_negative_prompt  # stored as the caching job stores it
     records.write_text_embeds(directory / "validation_prompts.safetensors",
-                              {"negative": rng.standard_normal((3, 32)).astype(np.float32)})
+                              {"validation_negative_prompt": rng.standard_normal((3, 32)).astype(np.float32)},
+                              {"prompts": json.dumps({"validation_negative_prompt": negative})})
     return directory
 
 

@@ -230,23 +230,20 @@ def _export(method, state, output_dir: Path, fmt: str, *, final: bool) -> list[s
     return paths
 
 
-def _cached_text_embeds(cache_dir: str, text_len: int, mesh) -> dict:
-    """The cache's empty-prompt (and negative-prompt, when cached) embeddings, zero-padded to text_len."""
+def _cached_text_embeds(cache_dir: str, text_len: int, mesh, negative_prompt: str | None) -> dict:
+    """The cache's empty-prompt embedding ("empty") and, when the cache holds `negative_prompt`
+    (validation_negative_prompt, distillation CFG's unconditional prompt), "negative"; zero-padded to text_len."""
     from wanjax.data import records
     from wanjax.sharding import replicated
 
-    out = {}
-    for name, fname in (("empty", "empty_prompt.safetensors"), ("negative", "validation_prompts.safetensors")):
-        path = Path(cache_dir) / fname
-        if not path.exists():
-            continue
-        embeds = records.read_text_embeds(path)
-        if name not in embeds:
-            continue
-        e = np.asarray(embeds[name], np.float32)
-        e = np.pad(e, ((0, text_len - e.shape[0]), (0, 0)))
-        out[name] = jax.device_put(jnp.asarray(e), replicated(mesh))
-    return out
+    found = {"empty": records.read_text_embeds(Path(cache_dir) / records.EMPTY_PROMPT_FILE).get("empty")}
+    if negative_prompt:
+        found["negative"] = records.read_prompt_embeds(cache_dir).get(negative_prompt)
+        if found["negative"] is None:
+            logger.info("validation_negative_prompt is not in the cache (%s): CFG's unconditional branch in "
+                        "distillation uses the empty prompt; re-run the caching job to cache it", cache_dir)
+    return {name: jax.device_put(jnp.asarray(records.pad_tokens(np.asarray(e, np.float32), text_len)),
+                                 replicated(mesh)) for name, e in found.items() if e is not None}
 
 
 def run(config) -> dict:
@@ -291,7 +288,8 @@ def run(config) -> dict:
     model = r.reader.config.replace(attention=config.model.attention, remat_policy=config.model.remat_policy)
     base = materialize(r.reader, dtype=r.base_dtype, shardings=param_shardings(param_shapes(model), mesh))
     ctx = methods.Context(config=config, model=model, base=base,
-                          text_embeds=_cached_text_embeds(config.cache_dir, r.manifest.text_len, mesh),
+                          text_embeds=_cached_text_embeds(config.cache_dir, r.manifest.text_len, mesh,
+                                                          config.validation_negative_prompt),
                           lora_targets=r.lora_targets, lora_alpha=r.lora_alpha, init_lora=r.init_lora, optim=r.optim,
                           fm=r.fm)
     try:

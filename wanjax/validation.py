@@ -175,26 +175,10 @@ def _pipeline_flow_shift(pipeline: Path) -> float:
     return float(cfg.get("flow_shift") or cfg.get("shift") or 3.0)
 
 
-def _pad(e: np.ndarray, text_len: int) -> np.ndarray:
-    e = np.asarray(e, np.float32)
-    return np.pad(e, ((0, text_len - e.shape[0]), (0, 0)))
-
-
 def prompt_embeddings(texts: list[str], *, cache_dir: str | Path, pipeline: str, text_len: int,
                       text_dtype=jnp.float32) -> np.ndarray:
     """(len(texts), text_len, D) float32: the cache's embedding of each text when it has it, else UMT5's."""
-    cached: dict[str, np.ndarray] = {}
-    for fname in (records.VALIDATION_PROMPTS_FILE, records.EMPTY_PROMPT_FILE):
-        path = Path(cache_dir) / fname
-        if not path.is_file():
-            continue
-        from wanjax.safetensors_io import SafetensorsFile
-
-        names = json.loads(SafetensorsFile(path).metadata.get("prompts", "{}"))
-        embeds = records.read_text_embeds(path)
-        for name, text in names.items():
-            if name in embeds:
-                cached.setdefault(text, np.asarray(embeds[name], np.float32))
+    cached = {t: np.asarray(e, np.float32) for t, e in records.read_prompt_embeds(cache_dir).items()}
     missing = sorted({t for t in texts if t not in cached})
     if missing:
         from wanjax import text_io
@@ -206,7 +190,7 @@ def prompt_embeddings(texts: list[str], *, cache_dir: str | Path, pipeline: str,
         del t5_params
         for t, e, n in zip(missing, np.asarray(emb, np.float32), np.asarray(lengths)):
             cached[t] = e[: int(n)]
-    return np.stack([_pad(cached[t], text_len) for t in texts])
+    return np.stack([records.pad_tokens(cached[t], text_len) for t in texts])
 
 
 class Validator:

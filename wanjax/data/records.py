@@ -129,11 +129,7 @@ def decode_record(raw: bytes, *, text_len: int | None = None) -> dict[str, Any]:
         raise ValueError(f"not a wanjax record ({type(e).__name__}: {e})") from None
     if text_len is not None:
         emb = out["prompt_embeds"]
-        if emb.shape[0] > text_len:
-            raise ValueError(f"prompt_embeds has {emb.shape[0]} tokens, more than text_len {text_len}")
-        padded = np.zeros((text_len, emb.shape[1]), emb.dtype)
-        padded[: emb.shape[0]] = emb
-        out["prompt_embeds"], out["prompt_length"] = padded, emb.shape[0]
+        out["prompt_embeds"], out["prompt_length"] = pad_tokens(emb, text_len), emb.shape[0]
     return out
 
 
@@ -524,6 +520,31 @@ def write_text_embeds(
 def read_text_embeds(path: str | os.PathLike) -> dict[str, np.ndarray]:
     f = SafetensorsFile(path)
     return {k: f.read(k) for k in f.keys()}
+
+
+def read_prompt_embeds(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Prompt text -> its true-length embedding, for every prompt the caching job stored in the side files
+    (validation_prompts.safetensors, empty_prompt.safetensors; their "prompts" metadata maps names to texts)."""
+    out: dict[str, np.ndarray] = {}
+    for fname in (VALIDATION_PROMPTS_FILE, EMPTY_PROMPT_FILE):
+        path = Path(directory) / fname
+        if not path.is_file():
+            continue
+        f = SafetensorsFile(path)
+        names = json.loads((f.metadata or {}).get("prompts", "{}"))
+        for name, text in names.items():
+            if name in f.keys():
+                out.setdefault(text, f.read(name))
+    return out
+
+
+def pad_tokens(embeds: np.ndarray, text_len: int) -> np.ndarray:
+    """A true-length (T, D) prompt embedding zero-padded to (text_len, D), as the text encoder's output is."""
+    if embeds.shape[0] > text_len:
+        raise ValueError(f"prompt_embeds has {embeds.shape[0]} tokens, more than text_len {text_len}")
+    padded = np.zeros((text_len, embeds.shape[1]), embeds.dtype)
+    padded[: embeds.shape[0]] = embeds
+    return padded
 
 
 # -- sample data ------------------------------------------------------------------------------------------
