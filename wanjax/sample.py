@@ -313,7 +313,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.lora_2 and not two:
         raise UsageError("--lora_2 needs a two-expert pipeline (model_index.json boundary_ratio + transformer_2)")
     sched_cfg = _read_json(model / "scheduler" / "scheduler_config.json")
-    flow_shift = args.flow_shift or float(sched_cfg.get("flow_shift") or sched_cfg.get("shift") or 3.0)
+    flow_shift = args.flow_shift or schedulers.config_flow_shift(sched_cfg)
 
     # Models. Several devices: the transformer(s) FSDP-sharded over all of them.
     mesh = None

@@ -250,3 +250,11 @@ def make_scheduler(name: str, num_inference_steps: int, flow_shift: float, **opt
             raise ValueError(f"the euler scheduler takes no options, got {sorted(options)}")
         return flow_match_euler(int(num_inference_steps), float(flow_shift))
     raise ValueError(f"scheduler={name!r}: expected one of {SCHEDULERS}")
+
+
+DEFAULT_FLOW_SHIFT = 3.0  # WanPipeline's 480p scheduler
+
+
+def config_flow_shift(scheduler_config: dict) -> float:
+    """The shift a diffusers scheduler_config.json sets (UniPC's `flow_shift`, Euler's `shift`), else 3."""
+    return float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or DEFAULT_FLOW_SHIFT)

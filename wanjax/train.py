@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -366,11 +365,10 @@ def run(config) -> dict:
         ckpt.wait()
         paths = _export(method, state, output_dir, fmt, final=True)
         if pusher is not None:
-            videos = validator.files if validator is not None else []
+            videos = validator.videos if validator is not None else []
             card = hub.card_from_config(config, repo_id=pusher.repo_id, steps=step, meta=meta, validation=[
-                {"prompt": validator.captions().get(_prompt_name(p, step), ""), "path": f"validation/{p.name}"}
-                for p in videos] if videos else None)
-            pusher.push_final(output_dir, [*paths, *videos], card)
+                {"prompt": v.prompt, "path": f"validation/{v.path.name}"} for v in videos] if videos else None)
+            pusher.push_final(output_dir, [*paths, *(v.path for v in videos)], card)
     finally:
         writer.close()
         ckpt.close()
@@ -378,19 +376,11 @@ def run(config) -> dict:
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _prompt_name(path: Path, step: int) -> str:
-    """The validation prompt name of a file `step_<N>_<name>[_ema][_WxH].mp4`."""
-    name = path.stem[len(f"step_{step:06d}_"):]
-    name = re.sub(r"_\d+x\d+$", "", name)
-    return name[:-4] if name.endswith("_ema") else name
-
-
 def _validate(validator, writer, step: int, method, state) -> None:
     t = time.perf_counter()
-    files = validator.run(step, method, state)
-    writer.log_videos(step, {p.stem[len(f"step_{step:06d}_"):]: p for p in files}, captions={
-        p.stem[len(f"step_{step:06d}_"):]: validator.captions().get(_prompt_name(p, step), "") for p in files})
-    logger.info("validation at step %d: %d video(s) in %s (%.1f s)", step, len(files), validator.dir,
+    videos = validator.run(step, method, state)
+    writer.log_videos(step, {v.key: v.path for v in videos}, captions={v.key: v.prompt for v in videos})
+    logger.info("validation at step %d: %d video(s) in %s (%.1f s)", step, len(videos), validator.dir,
                 time.perf_counter() - t)
 
 

@@ -167,12 +167,12 @@ def pipeline_root(model: str, parts: tuple[str, ...]) -> Path:
 
 
 def _pipeline_flow_shift(pipeline: Path) -> float:
-    path = pipeline / "scheduler" / "scheduler_config.json"
+    from wanjax.schedulers import DEFAULT_FLOW_SHIFT, config_flow_shift
+
     try:
-        cfg = json.loads(path.read_text())
+        return config_flow_shift(json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text()))
     except (OSError, ValueError):
-        return 3.0  # WanPipeline's 480p default
-    return float(cfg.get("flow_shift") or cfg.get("shift") or 3.0)
+        return DEFAULT_FLOW_SHIFT
 
 
 def prompt_embeddings(texts: list[str], *, cache_dir: str | Path, pipeline: str, text_len: int,
@@ -193,6 +193,13 @@ def prompt_embeddings(texts: list[str], *, cache_dir: str | Path, pipeline: str,
     return np.stack([records.pad_tokens(cached[t], text_len) for t in texts])
 
 
+@dataclasses.dataclass(frozen=True)
+class Video:
+    key: str  # "<name>[_ema][_<W>x<H>]": the file name after the step prefix, and the wandb key
+    prompt: str
+    path: Path
+
+
 class Validator:
     """Built once before the loop (embeddings, VAE, noise); `run(step, method, state)` renders one round."""
 
@@ -211,7 +218,7 @@ class Validator:
         self.cond, self.uncond = jnp.asarray(emb[:-1]), jnp.asarray(emb[-1:])
         self.vae_config, self.vae_params = load_vae(root, dtype=vae_dtype)
         self.channels = model_config.in_channels
-        self.files: list[Path] = []  # the latest round's files
+        self.videos: list[Video] = []  # the latest round's
 
     def _noise(self, i: int, width: int, height: int) -> jax.Array:
         c = self.vae_config
@@ -225,34 +232,31 @@ class Validator:
             return [False]
         return [True] if self.s.ema == "ema_only" else [False, True]
 
-    def run(self, step: int, method, state) -> list[Path]:
+    def run(self, step: int, method, state) -> list[Video]:
         from wanjax import video_out
         from wanjax.models.vae import vae_decode
 
         if method.sample is None:
             return []
         has_ema = getattr(state, "ema", None) is not None
-        files = []
+        videos = []
         for ema in self.variants(has_ema):
             for w, h in self.s.sizes:
-                for i, (name, _) in enumerate(self.s.prompts):
+                for i, (name, prompt) in enumerate(self.s.prompts):
                     noise = self._noise(i, w, h)
                     key = jax.random.fold_in(jax.random.key(self.s.seed + 1), i)
                     latents = method.sample(state, ema, noise, self.cond[i : i + 1], self.uncond, key, self)
                     frames = video_out.to_uint8_frames(vae_decode(self.vae_config, self.vae_params, latents))[0]
-                    suffix = ("_ema" if ema else "") + (f"_{w}x{h}" if len(self.s.sizes) > 1 else "")
-                    path = self.dir / f"step_{step:06d}_{name}{suffix}.mp4"
+                    key = name + ("_ema" if ema else "") + (f"_{w}x{h}" if len(self.s.sizes) > 1 else "")
+                    path = self.dir / f"step_{step:06d}_{key}.mp4"
                     if jax.process_index() == 0:
                         video_out.write_mp4(path, frames, fps=self.s.fps)
-                    files.append(path)
-        self.files = files
-        if jax.process_index() == 0 and files:
+                    videos.append(Video(key, prompt, path))
+        self.videos = videos
+        if jax.process_index() == 0 and videos:
             with open(self.dir / "videos.jsonl", "a") as f:  # one line per round: step -> files
-                f.write(json.dumps({"step": int(step), "files": [p.name for p in files]}) + "\n")
-        return files
-
-    def captions(self) -> dict[str, str]:
-        return dict(self.s.prompts)
+                f.write(json.dumps({"step": int(step), "files": [v.path.name for v in videos]}) + "\n")
+        return videos
 
 
 def method_sampler_kwargs(v: Validator) -> dict[str, Any]:
