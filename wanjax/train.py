@@ -255,6 +255,12 @@ def run(config) -> dict:
     from wanjax.transformer_io import materialize
 
     # -- 1. resolve -------------------------------------------------------------------------------------
+    from wanjax import hub, validation
+
+    try:  # before resolve(), which may run the (long) caching job
+        val_settings = validation.settings_from_config(config)
+    except validation.ValidationConfigError as e:
+        raise ConfigError(str(e)) from None
     r = resolve(config)
     output_dir = Path(config.output_dir)
     mesh = make_mesh(**dict(config.mesh))
@@ -263,12 +269,6 @@ def run(config) -> dict:
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by data x fsdp = {dp}")
     if config.train_batch_size % jax.process_count():
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {jax.process_count()} processes")
-    from wanjax import hub, validation
-
-    try:
-        val_settings = validation.settings_from_config(config)
-    except validation.ValidationConfigError as e:
-        raise ConfigError(str(e)) from None
     resume = resolve_resume(config.resume_from_checkpoint, output_dir)
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
