@@ -5,6 +5,7 @@
     python scripts/bench.py --model 14b --steps 10 --peak-tflops 989
     python scripts/bench.py --small --vs-torch  # + the same LoRA step in diffusers + peft (torch), and the ratio
                                                 # (the two steps re-timed alternately: same machine load)
+    python scripts/bench.py --small --attention xla   # another attention kernel (default auto: see report.config)
 
 Benchmarks (each isolated: a failure is reported as {"error": ...} and the others still run):
   lora_train_step      flow-matching LoRA step (configs/lora.py, AdamW, no clipping / EMA, as the torch step)
@@ -182,7 +183,7 @@ class Setup:
         from wanjax.models.transformer import param_shapes
         from wanjax.transformer_io import target_dtype
 
-        self.model = model_presets()[args.model].replace(remat_policy=args.remat)
+        self.model = model_presets()[args.model].replace(remat_policy=args.remat, attention=args.attention)
         self.dtype = jnp.dtype(args.dtype)
         self.batch, self.text_len = args.batch, args.text_len
         frames, height, width = args.frames, args.height, args.width
@@ -433,6 +434,7 @@ def parse_args(argv=None):
                     help="timed calls per benchmark, median reported (default: 5; 3 for the small / tiny models)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
     ap.add_argument("--remat", default="full", help="remat policy: none | full | dots | offload")
+    ap.add_argument("--attention", default="auto", help="attention kernel: auto | xla | cpu | cudnn | splash")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="base weights / activations (default: bfloat16 on GPU/TPU, float32 on CPU)")
     ap.add_argument("--rank", type=int, default=0, help="LoRA rank (0: each method config's: lora 16, dmd/dcm 128)")
@@ -483,9 +485,12 @@ def main(argv=None) -> int:
         print(json.dumps(report))
         return 1
     m = setup.model
+    from wanjax.models.attention import resolve_attention_impl
+
     report.update(latents=list(setup.latents_shape), tokens=setup.tokens, params=setup.n_params,
                   config={"num_layers": m.num_layers, "inner_dim": m.inner_dim, "heads": m.num_attention_heads,
-                          "ffn_dim": m.ffn_dim, "text_dim": m.text_dim})
+                          "ffn_dim": m.ffn_dim, "text_dim": m.text_dim,
+                          "attention": resolve_attention_impl(m.attention, setup.dtype, m.attention_head_dim)})
     for name in args.benches:
         log(f"{name} ...")
         try:

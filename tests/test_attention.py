@@ -1,5 +1,6 @@
-"""Attention kernels: selection by platform, XLA == a numpy reference, splash (Pallas interpret mode on CPU) == XLA,
-the TPU / cuDNN paths lower for their platforms, and every remat policy gives the gradients of no remat."""
+"""Attention kernels: selection by platform, XLA == a numpy reference, the "cpu" kernel (hand-written backward) ==
+numpy / XLA in values and gradients, splash (Pallas interpret mode on CPU) == XLA, the TPU / cuDNN paths lower for
+their platforms, and every remat policy gives the gradients of no remat."""
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +40,14 @@ def qkv(seed, b=2, q_len=37, kv_len=23, heads=3, d=16, dtype=jnp.float32):
         ("gpu", jnp.bfloat16, 256, "xla"),
         ("tpu", jnp.bfloat16, 128, "splash"),
         ("tpu", jnp.float32, 12, "splash"),
-        ("cpu", jnp.bfloat16, 128, "xla"),
-        ("cpu", jnp.float32, 128, "xla"),
+        ("cpu", jnp.bfloat16, 128, "cpu"),
+        ("cpu", jnp.float32, 128, "cpu"),
     ],
 )
 def test_auto_picks_kernel_by_platform(monkeypatch, backend, dtype, head_dim, expected):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert attn.resolve_attention_impl("auto", dtype, head_dim) == expected
-    for impl in ("xla", "cudnn", "splash"):  # an explicit choice is kept
+    for impl in ("xla", "cpu", "cudnn", "splash"):  # an explicit choice is kept
         assert attn.resolve_attention_impl(impl, dtype, head_dim) == impl
 
 
@@ -58,12 +59,12 @@ def test_auto_avoids_cudnn_for_odd_lengths(monkeypatch):
 
 
 def test_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match=r"'flash'.*'auto', 'xla', 'cudnn', 'splash'"):
+    with pytest.raises(ValueError, match=r"'flash'.*'auto', 'xla', 'cpu', 'cudnn', 'splash'"):
         attn.resolve_attention_impl("flash", jnp.float32)
     q, k, v = qkv(0)
     with pytest.raises(ValueError, match="expected one of"):
         attn.dot_product_attention(q, k, v, impl="sdpa")
-    with pytest.raises(ValueError, match=r"attention='flash'.*expected one of \('auto', 'xla', 'cudnn', 'splash'\)"):
+    with pytest.raises(ValueError, match=r"attention='flash'.*expected one of \('auto', 'xla', 'cpu', 'cudnn', 'splash'\)"):
         wanjax.WanConfig(attention="flash")
     with pytest.raises(ValueError, match=r"remat_policy='some'.*'offload'"):
         wanjax.WanConfig(remat_policy="some")
@@ -97,6 +98,65 @@ def test_xla_matches_numpy_bfloat16():
     expected = np_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
     err = np.abs(np.asarray(out, np.float64) - expected).max() / np.abs(expected).max()
     assert err < 2e-2, err  # bf16 has 8 mantissa bits: ~4e-3 per rounding
+
+
+def _loss_and_grads(impl, q, k, v):
+    """sum(sin(attention)) and its gradients w.r.t. q, k, v (a cotangent that is not all ones)."""
+    def loss(q, k, v):
+        out = attn.dot_product_attention(q, k, v, impl=impl)
+        return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("q_len, kv_len, d", [(37, 23, 16), (64, 64, 64), (50, 77, 128)])
+def test_cpu_kernel_matches_numpy_and_xla_float32(q_len, kv_len, d):
+    """The hand-written backward: values against float64 numpy, gradients against autodiff of the XLA kernel."""
+    q, k, v = qkv(4, q_len=q_len, kv_len=kv_len, d=d)
+    out, grads = _loss_and_grads("cpu", q, k, v)
+    assert out.dtype == jnp.float32 and out.shape == q.shape
+    np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    _, want = _loss_and_grads("xla", q, k, v)
+    for name, a, b in zip("qkv", grads, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=f"d{name}")
+
+
+def test_cpu_kernel_gradients_match_finite_differences():
+    """Independent of any other kernel: directional derivatives in float64 numpy vs the custom VJP."""
+    q, k, v = qkv(5, b=1, q_len=9, kv_len=7, heads=2, d=8)
+    _, grads = _loss_and_grads("cpu", q, k, v)
+    rng = np.random.default_rng(0)
+    args = [np.asarray(x, np.float64) for x in (q, k, v)]
+
+    def f(*xs):
+        return np.sum(np.sin(np_attention(*xs)))
+
+    for i in range(3):
+        direction = rng.standard_normal(args[i].shape)
+        eps = 1e-6
+        plus, minus = list(args), list(args)
+        plus[i], minus[i] = args[i] + eps * direction, args[i] - eps * direction
+        numeric = (f(*plus) - f(*minus)) / (2 * eps)
+        analytic = float(np.sum(np.asarray(grads[i], np.float64) * direction))
+        assert abs(numeric - analytic) <= 1e-4 * max(1.0, abs(numeric)), (i, numeric, analytic)
+
+
+def test_cpu_kernel_bfloat16_within_xla_error():
+    """bf16: the cpu kernel's error against float64 is of the order of the XLA kernel's own bf16 error."""
+    q, k, v = qkv(6, d=64, dtype=jnp.bfloat16)
+    expected = np_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+    out, grads = _loss_and_grads("cpu", q, k, v)
+    ref_out, ref_grads = _loss_and_grads("xla", q, k, v)
+    _, grads32 = _loss_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+
+    def err(a, b):
+        return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / np.abs(np.asarray(b)).max()
+
+    assert err(out, expected) <= 2 * max(err(ref_out, expected), 4e-3)
+    for name, a, r, b in zip("qkv", grads, ref_grads, grads32):
+        assert err(a, b) <= 2 * max(err(r, b), 4e-3), f"d{name}: {err(a, b)} vs xla's {err(r, b)}"
 
 
 def _splash_vs_xla(monkeypatch, q_len, kv_len, blocks):

@@ -29,6 +29,7 @@ def _check_bench(report: dict, names: list[str]) -> None:
     for key in ("date", "device", "jax_version", "tokens", "params", "benchmarks"):
         assert key in report, key
     assert report["device"]["platform"] == "cpu"
+    assert report["config"]["attention"] in ("cpu", "xla")  # the kernel "auto" resolved to, or the one asked for
     for name in names:
         b = report["benchmarks"][name]
         assert "error" not in b, (name, b)
@@ -44,6 +45,7 @@ def test_bench_tiny_with_torch():
                ",".join(names), "--vs-torch")
     report = json.loads(out)
     _check_bench(report, names)
+    assert report["config"]["attention"] == "cpu"  # auto on CPU
     torch_step = report["torch_lora_train_step"]
     assert "error" not in torch_step, torch_step
     assert _positive(torch_step["step_time_s"]) and _positive(report["ratio_torch_over_jax"])

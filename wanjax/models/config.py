@@ -1,7 +1,7 @@
 """The Wan transformer's architecture config: diffusers' `WanTransformer3DModel` config.json, typed.
 
 Field names and defaults are diffusers' own so a `config.json` maps one to one. Two runtime options
-(`attention`: auto | xla | cudnn | splash, `remat_policy`: none | full | dots | offload) are wanjax's and never
+(`attention`: auto | xla | cpu | cudnn | splash, `remat_policy`: none | full | dots | offload) are wanjax's and never
 written to a diffusers config.
 """
 
