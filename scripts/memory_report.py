@@ -25,10 +25,11 @@ the GPU compiler's (no cuDNN attention, different fusion and rematerialisation),
 estimate of GPU memory, not a measurement. XLA's own attention materialises (B, heads, S, S) float32 logits, ~172
 GB per layer for 14B at 32,760 tokens, where cuDNN flash attention keeps O(S); `--attention chunked` (default on
 CPU) therefore swaps in a query-chunked, rematerialised attention (same math) standing in for flash attention's
-memory. And XLA:CPU's while-loop-invariant code motion hoists those f32 upcasts out of the layer loops (f32
+memory; the norms' row sums are compiled as the reductions GPU/TPU run (the model takes them as dots on CPU). And
+XLA:CPU's while-loop-invariant code motion hoists those f32 upcasts out of the layer loops (f32
 copies of every stacked weight and of the saved block inputs: 17.8 GB instead of 8.9 GB of temporaries for the
 1.3B LoRA step), so on CPU the report compiles without that pass unless `--cpu-licm`. `--attention xla --cpu-licm`
-gives the literal CPU program.
+gives the literal CPU program but for those row sums.
 
 FSDP LAYOUT. The trainer runs the step under `use_mesh(mesh)`, so the transformer pins its (B, S, ...) activations
 to the batch split over data x fsdp (weights all-gathered, activations local; `wanjax.sharding.constrain_tokens`).
@@ -232,6 +233,9 @@ def use_attention(kind: str) -> str:
     if kind == "auto":
         kind = "model" if jax.default_backend() in ("gpu", "tpu") else "chunked"
     transformer.dot_product_attention = chunked_attention if kind == "chunked" else dot_product_attention
+    # The norms' row sums as GPU/TPU compile them (reductions): on CPU the model takes them as dots, faster there
+    # but with XLA:CPU's extra float32 temporaries (+2.5 GiB for the 1.3B LoRA step), which a GPU never has.
+    transformer._row_sum = transformer.row_sum_plain
     return {"chunked": "chunked (flash-attention stand-in)", "xla": "xla (materialised logits)"}.get(
         kind, "model (cuDNN flash on GPU)")
 

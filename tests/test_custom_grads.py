@@ -1,5 +1,6 @@
-"""The transformer's hand-written derivatives (written out for XLA:CPU speed) equal autodiff of their formulas:
-`standardize` (LayerNorm / RMSNorm core, custom VJP) and `gelu_tanh` (custom JVP), in value and gradient."""
+"""The transformer's hand-written derivatives (written out for XLA:CPU speed and saved-activation memory) equal
+autodiff of their formulas: `standardize` (LayerNorm / RMSNorm core) and `gelu_tanh`, both custom VJPs that keep
+their input in its own dtype, in value and gradient, float32 and bfloat16."""
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,27 @@ def test_gelu_tanh_matches_jax_and_its_autodiff():
     g = jax.vmap(jax.grad(tf.gelu_tanh))(x)
     g_want = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=True)))(x)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_want), rtol=1e-5, atol=1e-6)
-    # forward mode too (custom_jvp): jvp of a batch equals the elementwise slope times the tangent
-    t = jnp.cos(x)
-    _, tangent = jax.jvp(tf.gelu_tanh, (x,), (t,))
-    np.testing.assert_allclose(np.asarray(tangent), np.asarray(g_want * t), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_inputs_keep_their_dtype_and_match_float32_math():
+    """bf16 in: computed in float32 (the value and gradient of the f32 formula at the bf16 input, rounded once)."""
+    x = (jax.random.normal(jax.random.key(3), (4, 8, 64)) * 2).astype(jnp.bfloat16)
+    cot = jax.random.normal(jax.random.key(4), x.shape)
+    x32 = x.astype(jnp.float32)
+    y, vjp = jax.vjp(tf.gelu_tanh, x)
+    assert y.dtype == jnp.bfloat16
+    (g,) = vjp(cot.astype(jnp.bfloat16))
+    assert g.dtype == jnp.bfloat16
+    y32, vjp32 = jax.vjp(lambda t: jax.nn.gelu(t, approximate=True), x32)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y32.astype(jnp.bfloat16)))
+    (g32,) = vjp32(cot.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g32), rtol=1e-2, atol=1e-2)
+    for center, formula in ((True, _layer_norm_formula), (False, _rms_norm_formula)):
+        out, vjp = jax.vjp(lambda t: tf.standardize(t, 1e-6, center), x)
+        assert out.dtype == jnp.float32  # statistics and output in float32, as diffusers' FP32LayerNorm
+        (g,) = vjp(cot)
+        assert g.dtype == jnp.bfloat16
+        out32, vjp32 = jax.vjp(lambda t: formula(t, 1e-6), x32)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(out32), rtol=1e-5, atol=1e-5)
+        (g32,) = vjp32(cot)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g32), rtol=1e-2, atol=1e-2 * np.abs(g32).max())

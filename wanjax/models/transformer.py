@@ -67,46 +67,54 @@ class Dense(nn.Module):
         return y.astype(x.dtype)
 
 
-def _row_sum(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """sum(a * b) (or of a) over the last axis, keepdims, float32.
+def row_sum_plain(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """sum(a * b) (or of a) over the last axis, keepdims: a reduction, which GPU/TPU fuse well."""
+    return jnp.sum(a if b is None else a * b, axis=-1, keepdims=True)
 
-    On CPU as a (batched) dot: XLA:CPU fuses a reduction of products over a short minor axis (the norms' 5120 or
-    fewer features) into a kernel that runs ~4x slower than the same sum as a dot (measured on the LoRA step).
-    Elsewhere a plain reduction, which GPU/TPU fuse well."""
-    if jax.default_backend() != "cpu":
-        return jnp.sum(a if b is None else a * b, axis=-1, keepdims=True)
+
+def row_sum_dot(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """The same sum as a (batched) dot, float32: XLA:CPU fuses a reduction of products over a short minor axis (the
+    norms' <= 5120 features) into a kernel ~4x slower than this (the small-model LoRA step: ~5%)."""
     if b is None:
         return jnp.einsum("...d,d->...", a, jnp.ones(a.shape[-1:], a.dtype), preferred_element_type=F32)[..., None]
     return jnp.einsum("...d,...d->...", a, b, preferred_element_type=F32)[..., None]
 
 
+def _row_sum(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    return (row_sum_dot if jax.default_backend() == "cpu" else row_sum_plain)(a, b)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def standardize(h: jax.Array, eps: float, center: bool) -> jax.Array:
-    """(h - mean) / sqrt(var + eps) over the last axis (`center`: LayerNorm), or h / sqrt(mean(h^2) + eps)
-    (RMSNorm); float32 in and out.
+def standardize(x: jax.Array, eps: float, center: bool) -> jax.Array:
+    """(x - mean) / sqrt(var + eps) over the last axis (`center`: LayerNorm), or x / sqrt(mean(x^2) + eps)
+    (RMSNorm), computed and returned in float32 for x of any dtype.
 
-    The backward is written out (dh = r (g - out mean(g out) [- mean(g)]), r = 1 / sqrt(var + eps)) with its two
-    row sums as `_row_sum`s and (out, r) as the only residuals: autodiff of the formula leaves XLA:CPU row
-    reductions of broadcast products it runs slowly (the LoRA step 15% slower)."""
-    return _standardize_fwd(h, eps, center)[0]
+    The backward is written out (dx = r (g - y mean(g y) [- mean(g)]), y the output, r = 1 / sqrt(var + eps)) with
+    its row sums as `_row_sum`s; it keeps x in its own dtype and the per-row (mean, r) and recomputes y: autodiff of
+    the formula leaves XLA:CPU row reductions of broadcast products it runs slowly (the small-model LoRA step 0.29 ->
+    0.23 s), and keeping y would hold a float32 copy of every bf16 norm input."""
+    return _standardize_fwd(x, eps, center)[0]
 
 
-def _standardize_fwd(h, eps, center):
+def _standardize_fwd(x, eps, center):
+    h = x.astype(F32)
     d = h.shape[-1]
+    mean = _row_sum(h) / d if center else None
     if center:
-        h = h - _row_sum(h) / d
+        h = h - mean
     r = jax.lax.rsqrt(_row_sum(h, h) / d + eps)
-    out = h * r
-    return out, (out, r)
+    return h * r, (x, mean, r)
 
 
 def _standardize_bwd(eps, center, res, g):
-    out, r = res
+    x, mean, r = res
+    h = x.astype(F32)
+    out = ((h - mean) if center else h) * r
     d = out.shape[-1]
     dh = g - out * (_row_sum(g, out) / d)
     if center:
         dh = dh - _row_sum(g) / d
-    return (dh * r,)
+    return ((dh * r).astype(x.dtype),)
 
 
 standardize.defvjp(_standardize_fwd, _standardize_bwd)
@@ -148,23 +156,32 @@ def _act(fn, x: jax.Array) -> jax.Array:
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-@jax.custom_jvp
+@jax.custom_vjp
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    """GELU, tanh approximation (diffusers' "gelu-approximate"), with its derivative written out: autodiff of the
-    formula keeps x, x^3 and tanh for the backward, this keeps only the slope (one activation-sized residual
-    per FFN instead of four, where activations are saved: remat "none" / "dots")."""
-    return jax.nn.gelu(x, approximate=True)
+    """GELU, tanh approximation (diffusers' "gelu-approximate"), computed in float32, returned in x's dtype.
+
+    Its derivative is written out and recomputed from x in the backward: autodiff of the formula keeps float32
+    x, x^3 and tanh (4 FFN-sized tensors where activations are saved, remat "none" / "dots")."""
+    return jax.nn.gelu(x.astype(F32), approximate=True).astype(x.dtype)
 
 
-@gelu_tanh.defjvp
-def _gelu_tanh_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
+def _gelu_tanh_slope(x: jax.Array) -> jax.Array:
+    x = x.astype(F32)
     th = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
-    slope = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-    return gelu_tanh(x), slope * t
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
 
 
-gelu_exact = functools.partial(jax.nn.gelu, approximate=False)
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    return ((_gelu_tanh_slope(x) * g.astype(F32)).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+gelu_exact = functools.partial(_act, functools.partial(jax.nn.gelu, approximate=False))
+silu = functools.partial(_act, jax.nn.silu)
 
 
 class MLP(nn.Module):
@@ -176,13 +193,13 @@ class MLP(nn.Module):
 
     hidden: int
     out: int
-    activation: Any
+    activation: Any  # elementwise, float32 inside, output in the input's dtype (gelu_tanh, gelu_exact, silu)
     names: tuple[str, str] = ("proj_in", "proj_out")
     cast_input: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _act(self.activation, Dense(self.hidden, self.cast_input, name=self.names[0])(x))
+        h = self.activation(Dense(self.hidden, self.cast_input, name=self.names[0])(x))
         return Dense(self.out, name=self.names[1])(h)
 
 
@@ -241,8 +258,8 @@ class TimeTextImageEmbedding(nn.Module):
         dtype = text.dtype
         # time_embedder runs in its own (float32) weights' dtype; temb is then cast to the activation dtype.
         sinus = timestep_sinusoid(timestep, cfg.freq_dim)
-        temb = MLP(dim, dim, jax.nn.silu, LINEAR_12, cast_input=True, name="time_embedder")(sinus).astype(dtype)
-        timestep_proj = Dense(6 * dim, name="time_proj")(_act(jax.nn.silu, temb))
+        temb = MLP(dim, dim, silu, LINEAR_12, cast_input=True, name="time_embedder")(sinus).astype(dtype)
+        timestep_proj = Dense(6 * dim, name="time_proj")(silu(temb))
         ctx = MLP(dim, dim, gelu_tanh, LINEAR_12, name="text_embedder")(text)
         img = None
         if image is not None:
