@@ -18,8 +18,8 @@ Benchmarks (each isolated: a failure is reported as {"error": ...} and the other
   dcm_step             (optional, --bench dcm_step) a DCM semantic step (configs/dcm.py)
 --vs-torch: diffusers' WanTransformer3DModel + peft LoRA (same config, rank, targets; random weights; bf16 on
 GPU, fp32 on CPU; SDPA; gradient checkpointing with remat) on the same device: forward, MSE, backward, AdamW.
-Its time alone, and both LoRA steps re-timed alternately (`interleaved`: same machine load for both; the
-reported `ratio_torch_over_jax` = torch / JAX of those medians; > 1: JAX faster).
+Its time alone, and both LoRA steps re-timed alternately (`interleaved`: same machine load for both, a PAUSE_S
+pause before each call; the reported `ratio_torch_over_jax` = torch / JAX of those medians; > 1: JAX faster).
 Each: compile time, median step time over --steps calls after --warmup (jax.block_until_ready), tokens/s, analytic
 TFLOP/s, XLA's compiled cost-analysis FLOPs, MFU / HFU against --peak-tflops (default: a table by device kind,
 bf16 dense; none on CPU), and the device's peak_bytes_in_use so far (GPU/TPU; null on CPU).
@@ -404,12 +404,18 @@ def bench_torch(args, model_cfg, latents_shape, rank: int, targets: tuple[str, .
     return out, step
 
 
+PAUSE_S = 0.1  # between the alternating calls: the previous framework's worker threads stop spinning first
+
+
 def interleaved(jax_call, torch_step, steps: int) -> dict:
     """The JAX and torch LoRA steps timed alternately (j, t, j, t, ...), so both see the same machine load: on a
-    shared host the separate medians can differ by load alone. The ratio reported is of these medians."""
+    shared host the separate medians can differ by load alone. The ratio reported is of these medians. Each call
+    starts after a PAUSE_S pause: torch's OpenMP workers keep spinning after a step returns and, on a small CPU,
+    slowed a JAX step started right after it by ~10% (a JAX step 0.234 s alone, 0.274 s straight after torch)."""
     jt, tt = [], []
     for _ in range(steps):
         for call, times in ((jax_call, jt), (torch_step, tt)):
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
