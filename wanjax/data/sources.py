@@ -175,6 +175,15 @@ def read_datasets(spec: str | os.PathLike, defaults: Mapping[str, Any] | None = 
     return datasets, notes
 
 
+def _number(did: str, key: str, v: Any, typ: type = float):
+    """`v` as `typ` (None stays None), else a DatasetConfigError naming the dataset, the key and the value."""
+    try:
+        return None if v is None else typ(v)
+    except (TypeError, ValueError):
+        kind = "an integer" if typ is int else "a number"
+        raise DatasetConfigError(f"{did}: {key}={v!r} is not {kind}") from None
+
+
 def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec | None:
     e = dict(entry)
     did = str(e.pop("id", "") or "")
@@ -201,12 +210,6 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
         if k in e:
             video.setdefault(k, e.pop(k))
 
-    def num(v: Any, what: str, typ=float):
-        try:
-            return None if v is None else typ(v)
-        except (TypeError, ValueError):
-            raise DatasetConfigError(f"{did}: {what}={v!r} is not a number") from None
-
     clip_kw: dict[str, Any] = {}
     for k in _CLIP_KEYS:
         if k in e:
@@ -219,7 +222,7 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
                 except (TypeError, ValueError):
                     raise DatasetConfigError(f"{did}: crop_aspect_buckets={v!r}: expected a list of numbers") from None
             elif k in ("resolution", "minimum_image_size", "minimum_aspect_ratio", "maximum_aspect_ratio"):
-                v = num(v, k)
+                v = _number(did, k, v)
             if v is not None:
                 clip_kw[k] = v
     if clip_kw.get("crop_style", "center") not in ("center", "corner"):
@@ -230,7 +233,7 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
     for k, v in video.items():
         if k in _VIDEO_KEYS:
             if v is not None:
-                clip_kw[k] = num(v, f"video.{k}", int)
+                clip_kw[k] = _number(did, f"video.{k}", v, int)
         else:
             _note(notes, did, f"video.{k}", _NOT_APPLICABLE.get(k, "unknown key: not a video option wanjax knows"))
     if dtype == "image":
@@ -239,11 +242,11 @@ def _parse_entry(entry: Mapping[str, Any], i: int, notes: list) -> DatasetSpec |
         clip = ClipSpec(**clip_kw)
     except (TypeError, ValueError) as err:
         raise DatasetConfigError(f"{did}: {err}") from None
-    repeats = num(e.pop("repeats", 0) or 0, "repeats", int)
+    repeats = _number(did, "repeats", e.pop("repeats", 0) or 0, int)
     if repeats < 0:
         raise DatasetConfigError(f"{did}: repeats={repeats} must be >= 0")
     out: dict[str, Any] = dict(id=did, type=kind, clip=clip, repeats=repeats,
-                               max_num_samples=num(e.pop("max_num_samples", None), "max_num_samples", int))
+                               max_num_samples=_number(did, "max_num_samples", e.pop("max_num_samples", None), int))
     metadata_backend = e.pop("metadata_backend", "discovery")
     if metadata_backend not in ("discovery", "parquet"):
         _note(notes, did, "metadata_backend", f"{metadata_backend!r}: files are always discovered and decoded")
@@ -286,12 +289,8 @@ def _parse_prompts_entry(did: str, e: dict, notes: list) -> DatasetSpec:
         raise DatasetConfigError(f"{did}: a prompts dataset needs prompts_file (a .txt, .json or .jsonl of prompts)")
     size = []
     for k, default in _PROMPT_SIZE_DEFAULTS.items():
-        v = e.pop(k, default)
-        try:
-            v = int(v)
-        except (TypeError, ValueError):
-            raise DatasetConfigError(f"{did}: {k}={v!r} is not an integer") from None
-        if v < 1:
+        v = _number(did, k, e.pop(k, default), int)
+        if v is None or v < 1:
             raise DatasetConfigError(f"{did}: {k}={v} must be >= 1")
         size.append(v)
     if (size[0] - 1) % 4:
@@ -299,17 +298,12 @@ def _parse_prompts_entry(did: str, e: dict, notes: list) -> DatasetSpec:
     kind = e.pop("type", "local")
     if kind != "local":
         _note(notes, did, "type", f"{kind!r}: a prompts dataset reads its local prompts_file")
-    nums = {}
-    for k, default in (("repeats", 0), ("max_num_samples", None)):
-        v = e.pop(k, default)
-        try:
-            nums[k] = None if v is None else int(v)
-        except (TypeError, ValueError):
-            raise DatasetConfigError(f"{did}: {k}={v!r} is not an integer") from None
-    if nums["repeats"] < 0:
-        raise DatasetConfigError(f"{did}: repeats={nums['repeats']} must be >= 0")
-    out = DatasetSpec(id=did, type="prompts", clip=ClipSpec(), repeats=nums["repeats"],
-                      max_num_samples=nums["max_num_samples"], prompts_file=str(e.pop("prompts_file")),
+    repeats = _number(did, "repeats", e.pop("repeats", 0) or 0, int)
+    if repeats < 0:
+        raise DatasetConfigError(f"{did}: repeats={repeats} must be >= 0")
+    out = DatasetSpec(id=did, type="prompts", clip=ClipSpec(), repeats=repeats,
+                      max_num_samples=_number(did, "max_num_samples", e.pop("max_num_samples", None), int),
+                      prompts_file=str(e.pop("prompts_file")),
                       prompt_size=(size[0], size[1], size[2]))
     for k in e:
         _note(notes, did, k, "not an option of a prompts dataset (prompts_file, width, height, num_frames, repeats, "
