@@ -120,6 +120,31 @@ def test_bad_context_sizes_are_refused():
                        wanjax.param_shapes(CONFIG), odd_tokens, t, c)
 
 
+def test_cpu_kernel_under_context_parallelism(setup):
+    """The `cpu` kernel (CPU's default; XLA ops with a custom VJP, partitioned by XLA like `xla`) on the Ulysses
+    layout: forward and LoRA gradients equal one-device XLA's, through all-to-alls."""
+    s = setup
+    config = CONFIG.replace(attention="cpu")
+    spec = fm.LoraSpec(rank=2, alpha=4.0, targets=lora_lib.parse_targets(lora_lib.DEFAULT_TARGETS))
+    loss = functools.partial(fm.flow_matching_loss, rng=jax.random.key(3), model=config, lora=spec,
+                             fm=fm.FlowMatchingConfig())
+    value_and_grad = jax.jit(jax.value_and_grad(lambda lp, frozen, b: loss(lp, frozen, b)[0]))
+    forward = jax.jit(lambda p, x, t, c: wanjax.transformer_forward(config, p, x, t, c))
+    mesh = sharding.make_mesh(data=2, fsdp=1, context=4)
+    with sharding.use_mesh(mesh):
+        batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in s["batch"].items()}
+        params = jax.device_put(s["params"], sharding.param_shardings(s["params"], mesh))
+        frozen = fm.Frozen(params=params, empty_prompt_embeds=jnp.zeros((TEXT_LEN, 16)))
+        out = forward(params, batch["latents"], s["t"], batch["prompt_embeds"])
+        loss_value, grads = value_and_grad(s["lora_params"], frozen, batch)
+        grad_hlo = value_and_grad.lower(s["lora_params"], frozen, batch).compile().as_text()
+    assert rel(out, s["want_out"]) < 1e-5
+    assert rel(loss_value, s["want_loss"]) < 1e-5
+    for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(s["want_grads"])):
+        assert rel(g, w) < 1e-5
+    assert grad_hlo.count("all-to-all(") >= 8
+
+
 def test_splash_under_context_parallelism(setup):
     """The Pallas kernel (interpret mode on CPU) inside shard_map on the Ulysses layout equals one-device XLA."""
     s = setup
