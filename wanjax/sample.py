@@ -19,6 +19,7 @@ end of the file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -336,8 +337,6 @@ def _run(args: argparse.Namespace) -> int:
     shape = latent_shape(1, config.in_channels, height, width, frames, temporal=vae_config.temporal_factor,
                          spatial=vae_config.spatial_factor)
     latents = jax.random.normal(jax.random.key(args.seed), shape, F32)
-    import contextlib
-
     from wanjax.sharding import use_mesh
 
     activation_mesh = use_mesh(mesh) if mesh is not None else contextlib.nullcontext()

@@ -247,11 +247,11 @@ class Validator:
                     key = jax.random.fold_in(jax.random.key(self.s.seed + 1), i)
                     latents = method.sample(state, ema, noise, self.cond[i : i + 1], self.uncond, key, self)
                     frames = video_out.to_uint8_frames(vae_decode(self.vae_config, self.vae_params, latents))[0]
-                    key = name + ("_ema" if ema else "") + (f"_{w}x{h}" if len(self.s.sizes) > 1 else "")
-                    path = self.dir / f"step_{step:06d}_{key}.mp4"
+                    video_key = name + ("_ema" if ema else "") + (f"_{w}x{h}" if len(self.s.sizes) > 1 else "")
+                    path = self.dir / f"step_{step:06d}_{video_key}.mp4"
                     if jax.process_index() == 0:
                         video_out.write_mp4(path, frames, fps=self.s.fps)
-                    videos.append(Video(key, prompt, path))
+                    videos.append(Video(video_key, prompt, path))
         self.videos = videos
         if jax.process_index() == 0 and videos:
             with open(self.dir / "videos.jsonl", "a") as f:  # one line per round: step -> files

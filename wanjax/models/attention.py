@@ -36,7 +36,6 @@ from wanjax import sharding
 logger = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("auto", "xla", "cpu", "cudnn", "splash")
-_KERNELS = ("xla", "cpu", "cudnn", "splash")
 _XLA_PARTITIONED = ("xla", "cpu")  # kernels made of XLA ops: XLA partitions them itself under a mesh
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
