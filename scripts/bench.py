@@ -3,8 +3,8 @@
     python scripts/bench.py                     # GPU/TPU: Wan2.1 1.3B, 480x832x81 (32,760 tokens), batch 1, bf16, remat
     python scripts/bench.py --small             # small Wan-shaped model (4 blocks, width 256), 768 tokens (CPU default)
     python scripts/bench.py --model 14b --steps 10 --peak-tflops 989
-    python scripts/bench.py --small --vs-torch  # + the same LoRA step in diffusers + peft (torch), and the ratio
-                                                # (the two steps re-timed alternately: same machine load)
+    python scripts/bench.py --small --vs-torch  # + the same LoRA step and forward in diffusers + peft (torch),
+                                                # and the ratios (each pair re-timed alternately: same load)
     python scripts/bench.py --small --attention xla   # another attention kernel (default auto: see report.config)
 
 Benchmarks (each isolated: a failure is reported as {"error": ...} and the others still run):
@@ -15,11 +15,16 @@ Benchmarks (each isolated: a failure is reported as {"error": ...} and the other
   dmd_critic_step      a DMD iteration that updates only the critic (generator_update_interval > 1): rollout,
                        student sample, critic grad
   sample_step          one sampling step with CFG (wanjax.sample, UniPC, 1 step: cond + uncond as one batch of 2)
+  forward              one transformer forward of the base model (no adapter) on the batch: the "1.3B forward"
   dcm_step             (optional, --bench dcm_step) a DCM semantic step (configs/dcm.py)
 --vs-torch: diffusers' WanTransformer3DModel + peft LoRA (same config, rank, targets; random weights; bf16 on
 GPU, fp32 on CPU; SDPA; gradient checkpointing with remat) on the same device: forward, MSE, backward, AdamW.
-Its time alone, and both LoRA steps re-timed alternately (`interleaved`: same machine load for both, a PAUSE_S
-pause before each call; the reported `ratio_torch_over_jax` = torch / JAX of those medians; > 1: JAX faster).
+Its time alone, and both LoRA steps re-timed alternately (`interleaved`: same machine load for both, each timed
+call right after an untimed one of its own; the reported `ratio_torch_over_jax` = torch / JAX of those medians;
+> 1: JAX faster).
+With `forward` benchmarked too, the same model's forward with its adapter disabled (no grad) is compared the
+same way (`torch_forward`, `forward_ratio_torch_over_jax`). JAX's GPU memory preallocation is turned off for
+--vs-torch (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that torch in the same process gets memory.
 Each: compile time, median step time over --steps calls after --warmup (jax.block_until_ready), tokens/s, analytic
 TFLOP/s, XLA's compiled cost-analysis FLOPs, MFU / HFU against --peak-tflops (default: a table by device kind,
 bf16 dense; none on CPU), and the device's peak_bytes_in_use so far (GPU/TPU; null on CPU).
@@ -34,7 +39,7 @@ FLOPs (analytic, per sample; S video tokens, L text tokens, D width, F FFN width
                  ("dots": + the attention-core FLOPs only)
   steps        lora = 1 train pass; dmd generator = (n-1) rollout + train pass (student) + fake score (1, or 2
                with fake CFG) + teacher CFG (2) + train pass (critic); dmd critic = (n-1) + 1 + train pass;
-               dcm = teacher CFG (2) + target (1) + train pass; sample step = 2 forwards
+               dcm = teacher CFG (2) + target (1) + train pass; sample step = 2 forwards; forward = 1
   tflops uses every FLOP executed (remat included: hardware FLOPs); model_tflops / mfu leave remat's recompute
   out; hfu counts it. XLA's cost analysis is printed beside it (it may count a scanned layer loop's body once).
 """
@@ -64,8 +69,8 @@ PEAK_TFLOPS = (
     ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v5", 459.0),
     ("v6 lite", 918.0), ("v6e", 918.0), ("v4", 275.0),
 )
-BENCHMARKS = ("lora_train_step", "dmd_generator_step", "dmd_critic_step", "sample_step", "dcm_step")
-DEFAULT_BENCHMARKS = BENCHMARKS[:4]
+BENCHMARKS = ("lora_train_step", "dmd_generator_step", "dmd_critic_step", "sample_step", "forward", "dcm_step")
+DEFAULT_BENCHMARKS = BENCHMARKS[:5]
 SHAPES = {  # (frames, height, width) in pixels
     "1.3b": (81, 480, 832), "14b": (81, 480, 832), "small": (9, 256, 256), "tiny": (9, 64, 64),
 }
@@ -333,13 +338,42 @@ def bench_sample(setup: Setup, args) -> dict:
                      model_flops=flops, compiled_flops=compiled_flops, peak=args.peak, forwards=2, what=what)
 
 
+def bench_forward(setup: Setup, args) -> dict:
+    """One transformer forward of the base model (no adapter) on the batch, timestep 500."""
+    import jax
+    import jax.numpy as jnp
+
+    from wanjax.models.transformer import transformer_forward
+
+    def forward(params, x, ctx):
+        t = jnp.full((x.shape[0],), 500.0)
+        return transformer_forward(setup.model, params, x.astype(setup.dtype), t, ctx.astype(setup.dtype))
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(forward).lower(setup.base, setup.latents, setup.prompt).compile()
+    compile_s = time.perf_counter() - t0
+
+    def call():
+        jax.block_until_ready(compiled(setup.base, setup.latents, setup.prompt))
+
+    times = time_calls(call, args.steps, args.warmup)
+    flops = forward_flops(setup.model, setup.tokens, setup.text_len) * setup.batch
+    out = summarise(times, compile_s=compile_s, tokens=setup.tokens, batch=setup.batch, flops=flops,
+                    model_flops=flops, compiled_flops=cost_flops(compiled), peak=args.peak, forwards=1,
+                    what=f"transformer_forward of the base model, batch {setup.batch}")
+    if args.vs_torch:
+        args.jax_forward_call = call  # re-timed alternately with torch's forward (see `interleaved`)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------------
-# diffusers + peft (torch) LoRA step
+# diffusers + peft (torch) LoRA step and forward
 # -------------------------------------------------------------------------------------------------------------
 def bench_torch(args, model_cfg, latents_shape, rank: int, targets: tuple[str, ...]):
     """diffusers WanTransformer3DModel + peft LoRA (same config, rank, targets; random weights): forward, MSE,
     backward, AdamW; SDPA attention (diffusers' default processor); gradient checkpointing when remat is on.
-    Returns (report, the blocking step function)."""
+    Returns (report, the blocking step function, the blocking forward function (adapter disabled, no grad),
+    the forward's report maker)."""
     import diffusers
     import peft
     import torch
@@ -382,6 +416,21 @@ def bench_torch(args, model_cfg, latents_shape, rank: int, targets: tuple[str, .
         opt.zero_grad(set_to_none=True)
         sync()
 
+    def forward():  # the base model: adapter layers skipped, no autograd, no checkpointing
+        model.disable_adapters()
+        try:
+            with torch.inference_mode():
+                model(hidden_states=x0.to(dtype), timestep=torch.full((b,), 500.0, device=device),
+                      encoder_hidden_states=ctx, return_dict=False)
+            sync()
+        finally:
+            model.enable_adapters()
+
+    def forward_report(times: list[float]) -> dict:
+        return {"what": "diffusers WanTransformer3DModel forward, adapter disabled, inference_mode (SDPA)",
+                "device": device, "dtype": str(dtype).removeprefix("torch."), "step_time_s": statistics.median(times),
+                "step_times_s": [round(x, 6) for x in times]}
+
     t0 = time.perf_counter()
     step()  # first call: allocations, autotuning
     first_s = time.perf_counter() - t0
@@ -401,21 +450,20 @@ def bench_torch(args, model_cfg, latents_shape, rank: int, targets: tuple[str, .
         "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
         "peft_version": peft.__version__,
     }
-    return out, step
-
-
-PAUSE_S = 0.1  # between the alternating calls: the previous framework's worker threads stop spinning first
+    return out, step, forward, forward_report
 
 
 def interleaved(jax_call, torch_step, steps: int) -> dict:
-    """The JAX and torch LoRA steps timed alternately (j, t, j, t, ...), so both see the same machine load: on a
-    shared host the separate medians can differ by load alone. The ratio reported is of these medians. Each call
-    starts after a PAUSE_S pause: torch's OpenMP workers keep spinning after a step returns and, on a small CPU,
-    slowed a JAX step started right after it by ~10% (a JAX step 0.234 s alone, 0.274 s straight after torch)."""
+    """The JAX and torch calls timed alternately, so that both see the same machine load (on a shared host separate
+    medians can differ by load alone); the ratio reported is of these medians. Each timed call directly follows an
+    untimed call of the same function (j j t t j j ...): the steady state of training, where steps run back to
+    back. Timing each call cold, right after the other framework's (with or without a pause), measured the
+    switch instead: on a 2-core CPU a 60 ms JAX forward took 63 ms back to back, 68-76 ms after a 0.1 s sleep and
+    70-82 ms after a torch call (XLA's worker threads are woken and preempted), torch's 58-62 ms in every case."""
     jt, tt = [], []
     for _ in range(steps):
         for call, times in ((jax_call, jt), (torch_step, tt)):
-            time.sleep(PAUSE_S)
+            call()
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
@@ -460,6 +508,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.vs_torch:  # before jax starts: its default 75% GPU preallocation would starve torch in this process
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     dev = jax.devices()[0]
@@ -500,7 +550,8 @@ def main(argv=None) -> int:
     for name in args.benches:
         log(f"{name} ...")
         try:
-            result = bench_sample(setup, args) if name == "sample_step" else bench_train(setup, args, name)
+            runner = {"sample_step": bench_sample, "forward": bench_forward}.get(name)
+            result = runner(setup, args) if runner else bench_train(setup, args, name)
         except Exception as e:  # noqa: BLE001 - one failure must not stop the other benchmarks
             result = {"error": f"{type(e).__name__}: {e}"[:2000]}
         log(f"{name}: {result.get('step_time_s', result.get('error'))}")
@@ -516,7 +567,8 @@ def main(argv=None) -> int:
             c = load_config("lora")
             rank = args.rank or int(c.lora_rank)
             targets = lora_lib.parse_targets(c.lora_target_modules)
-            result, torch_step = bench_torch(args, m, setup.latents_shape, rank, targets)
+            result, torch_step, torch_forward, forward_report = bench_torch(args, m, setup.latents_shape, rank,
+                                                                             targets)
             if jax_lora.get("step_time_s"):
                 result["ratio_torch_over_jax_separate_runs"] = result["step_time_s"] / jax_lora["step_time_s"]
             jax_call = getattr(args, "jax_lora_call", None)
@@ -526,7 +578,20 @@ def main(argv=None) -> int:
                 report["ratio_torch_over_jax"] = result["interleaved"]["ratio_torch_over_jax"]
         except Exception as e:  # noqa: BLE001 - torch problems must not lose the JAX numbers
             result = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        log(f"torch: {result.get('step_time_s', result.get('error'))}, ratio {report.get('ratio_torch_over_jax')}")
+            torch_forward = None
+        jax_forward = getattr(args, "jax_forward_call", None)
+        if jax_forward is not None and torch_forward is not None:
+            log("JAX and torch forwards, interleaved ...")
+            try:
+                torch_forward()  # first call: allocations
+                fwd = forward_report(time_calls(torch_forward, args.steps, max(0, args.warmup - 1)))
+                fwd["interleaved"] = interleaved(jax_forward, torch_forward, args.steps)
+                report["forward_ratio_torch_over_jax"] = fwd["interleaved"]["ratio_torch_over_jax"]
+            except Exception as e:  # noqa: BLE001 - keep the LoRA comparison
+                fwd = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            report["torch_forward"] = fwd
+        log(f"torch: {result.get('step_time_s', result.get('error'))}, ratio {report.get('ratio_torch_over_jax')}, "
+            f"forward ratio {report.get('forward_ratio_torch_over_jax')}")
         report["torch_lora_train_step"] = result
     print(json.dumps(report))
     return 0

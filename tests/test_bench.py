@@ -40,7 +40,7 @@ def _check_bench(report: dict, names: list[str]) -> None:
 
 
 def test_bench_tiny_with_torch():
-    names = ["lora_train_step", "sample_step"]
+    names = ["lora_train_step", "sample_step", "forward"]
     out = _run("bench.py", "--model", "tiny", "--steps", "2", "--warmup", "0", "--text-len", "16", "--bench",
                ",".join(names), "--vs-torch")
     report = json.loads(out)
@@ -54,11 +54,19 @@ def test_bench_tiny_with_torch():
     assert report["ratio_torch_over_jax"] == inter["ratio_torch_over_jax"]
     # same adapter on both sides: rank 16 on attn1/attn2 q, k, v, out of every block
     assert torch_step["trainable_params"] == report["benchmarks"]["lora_train_step"]["trainable_params"]
+    # the forward: one forward's FLOPs (half a CFG sampling step's), compared with torch's the same way
+    fwd, sample = report["benchmarks"]["forward"], report["benchmarks"]["sample_step"]
+    assert fwd["forward_equivalents"] == 1 and fwd["analytic_flops"] == sample["analytic_flops"] / 2
+    torch_fwd = report["torch_forward"]
+    assert "error" not in torch_fwd, torch_fwd
+    assert _positive(torch_fwd["step_time_s"]) and len(torch_fwd["step_times_s"]) == report["steps"]
+    assert len(torch_fwd["interleaved"]["torch_step_times_s"]) == report["steps"]
+    assert report["forward_ratio_torch_over_jax"] == torch_fwd["interleaved"]["ratio_torch_over_jax"] > 0
 
 
 @pytest.mark.slow
 def test_bench_small_all():
-    names = ["lora_train_step", "dmd_generator_step", "dmd_critic_step", "sample_step"]
+    names = ["lora_train_step", "dmd_generator_step", "dmd_critic_step", "sample_step", "forward"]
     report = json.loads(_run("bench.py", "--small", "--steps", "2", "--vs-torch"))
     _check_bench(report, names)
     assert _positive(report["ratio_torch_over_jax"])
