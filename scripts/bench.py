@@ -36,7 +36,7 @@ FLOPs (analytic, per sample; S video tokens, L text tokens, D width, F FFN width
   forward      = layers x per block + outside
   a train pass = 3 forwards (backward = 2 x forward, the usual convention; the frozen base needs no weight
                  gradients, so the hardware does somewhat less) + 1 forward with remat "full"/"offload"
-                 ("dots": + the attention-core FLOPs only)
+                 ("dots": + the attention-core FLOPs only; "attention": + all but them)
   steps        lora = 1 train pass; dmd generator = (n-1) rollout + train pass (student) + fake score (1, or 2
                with fake CFG) + teacher CFG (2) + train pass (critic); dmd critic = (n-1) + 1 + train pass;
                dcm = teacher CFG (2) + target (1) + train pass; sample step = 2 forwards; forward = 1
@@ -114,8 +114,8 @@ def attention_core_flops(model, tokens: int, text_len: int) -> float:
 def train_pass(model, tokens, text_len, rank, targets) -> tuple[float, float]:
     """(FLOPs executed, FLOPs without remat's recompute) of forward + backward for one sample."""
     fwd = forward_flops(model, tokens, text_len, rank, targets)
-    extra = {"full": fwd, "offload": fwd, "dots": attention_core_flops(model, tokens, text_len)}.get(
-        model.remat_policy, 0.0)
+    core = attention_core_flops(model, tokens, text_len)
+    extra = {"full": fwd, "offload": fwd, "dots": core, "attention": fwd - core}.get(model.remat_policy, 0.0)
     return 3 * fwd + extra, 3 * fwd
 
 
@@ -487,7 +487,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None,
                     help="timed calls per benchmark, median reported (default: 5; 3 for the small / tiny models)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
-    ap.add_argument("--remat", default="full", help="remat policy: none | full | dots | offload")
+    ap.add_argument("--remat", default="full", help="remat policy: none | full | dots | offload | attention")
     ap.add_argument("--attention", default="auto", help="attention kernel: auto | xla | cpu | cudnn | splash")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="base weights / activations (default: bfloat16 on GPU/TPU, float32 on CPU)")

@@ -204,23 +204,25 @@ def chunked_attention(q, k, v, *, impl: str = "auto", chunk: int = 256, **kwargs
 
     The model's own `dot_product_attention` with the XLA kernel on each chunk (other keyword arguments passed on):
     the same result, memory O(S D + heads x chunk x S_kv) instead of O(heads x S x S_kv), like flash attention
-    (whose O(S) statistics this overstates by one chunk's float32 logits)."""
+    (whose O(S) statistics this overstates by one chunk's float32 logits). The output carries the kernels' output
+    checkpoint name, so remat "attention" keeps it as it keeps a flash kernel's (not the heads x S statistics)."""
     import jax
+    from jax.ad_checkpoint import checkpoint_name
 
-    from wanjax.models.attention import dot_product_attention
+    from wanjax.models.attention import KERNEL_RESIDUAL_NAMES, dot_product_attention
 
     del impl
     b, s, h, d = q.shape
     c = _chunk_size(s, chunk)
     if c == s:
-        return dot_product_attention(q, k, v, impl="xla", **kwargs)
+        return checkpoint_name(dot_product_attention(q, k, v, impl="xla", **kwargs), KERNEL_RESIDUAL_NAMES[0])
 
     @jax.checkpoint
     def one(qc):
         return dot_product_attention(qc, k, v, impl="xla", **kwargs)
 
     out = jax.lax.map(one, q.reshape(b, s // c, c, h, d).swapaxes(0, 1))
-    return out.swapaxes(0, 1).reshape(b, s, h, d)
+    return checkpoint_name(out.swapaxes(0, 1).reshape(b, s, h, d), KERNEL_RESIDUAL_NAMES[0])
 
 
 def use_attention(kind: str) -> str:
@@ -273,7 +275,9 @@ def analytic(model, method: str, *, tokens: int, batch: int, text_len: int, act_
       backward transients ~ (4 S D + 2 S F) elements (incoming / outgoing gradients, GELU grad)
       forward-only pass (rollouts, teacher / critic scores, CFG at batch 2) ~ (4 S D + 2 S F) elements
     Saved across blocks: remat "full" (and "offload", on the device) the block inputs (L_blocks x S D); "dots" the
-    matmul outputs (L_blocks x (7 S D + S F)); "none" every block's residuals.
+    matmul outputs (L_blocks x (7 S D + S F)); "attention" the block inputs and, per attention call (self and
+    cross), its output and softmax statistics (L_blocks x (3 S D + 2 heads x S float32)); "none" every block's
+    residuals.
     activations = saved + max(one block's residuals + backward transients, forward-only pass at `PASSES` x batch)
     weights: base + trainable state per device (exact, from the shardings); with fsdp > 1 two gathered blocks of
     base weights in flight (current + prefetched); gradients + optimizer update transients ~ 2 x the trainables'
@@ -287,6 +291,7 @@ def analytic(model, method: str, *, tokens: int, batch: int, text_len: int, act_
     forward_only = PASSES[method] * batch * (4 * S * D + 2 * S * F) * act_bytes
     saved = {"full": nl * batch * S * D * act_bytes, "offload": nl * batch * S * D * act_bytes,
              "dots": nl * batch * (7 * S * D + S * F) * act_bytes,
+             "attention": nl * batch * (3 * S * D * act_bytes + 2 * H * S * 4),
              "none": nl * residual}[remat]
     activations = saved + max(residual + backward, forward_only)
     gathered = 0 if fsdp == 1 else 2 * block_bytes

@@ -1,6 +1,7 @@
 """Attention kernels: selection by platform, XLA == a numpy reference, the "cpu" kernel (hand-written backward) ==
 numpy / XLA in values and gradients, splash (Pallas interpret mode on CPU) == XLA, the TPU / cuDNN paths lower for
-their platforms, and every remat policy gives the gradients of no remat."""
+their platforms, and every remat policy gives the gradients of no remat ("attention": without re-running the
+kernels' forward)."""
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,93 @@ def test_remat_offload_same_grads():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     jaxpr = str(jax.make_jaxpr(value_and_grad("offload"))(params, inp["hidden_states"]))
     assert "MemorySpace.Host" in jaxpr
+
+
+def _count_in_jaxpr(fn, args, predicate) -> int:
+    """Equations of `fn`'s jaxpr, nested ones included (remat, scan, vmap'd kernels), for which predicate(eqn)."""
+    def walk(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += bool(predicate(eqn))
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                n += walk(sub)
+        return n
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _exp_eqns(eqn) -> bool:
+    return eqn.primitive.name == "exp"
+
+
+def test_remat_attention_does_not_rerun_the_cpu_kernel():
+    """With remat "attention" the tiny model's gradient re-runs no attention forward: its softmax exps are those of
+    no remat (forward + the backward's recomputed probabilities), and "full" has one more per attention call."""
+    base = wanjax.WanConfig.from_diffusers(ref.T2V).replace(attention="cpu")
+    params = wanjax.init_params(base, jax.random.key(1))
+    inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=2).items()}
+
+    def grad_fn(policy):
+        config = base.replace(remat_policy=policy)
+
+        def loss(params, x):
+            out = wanjax.transformer_forward(config, params, x, inp["timestep"], inp["encoder_hidden_states"])
+            return jnp.sum(out**2)
+
+        return jax.grad(loss, argnums=(0, 1))
+
+    exps = {p: _count_in_jaxpr(grad_fn(p), (params, inp["hidden_states"]), _exp_eqns)
+            for p in ("none", "full", "attention")}
+    assert exps["attention"] == exps["none"] == exps["full"] - 2, exps  # 2 attention calls per (scanned) block
+    got = jax.jit(grad_fn("attention"))(params, inp["hidden_states"])
+    want = jax.jit(grad_fn("none"))(params, inp["hidden_states"])
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _remat_block(kernel):
+    """A block-like function (projections, attention, a nonlinearity) for jax.checkpoint with a policy."""
+    def block(w, x):
+        q, k, v = (jnp.einsum("bshd,de->bshe", x, w * (i + 1)) for i in range(3))
+        return jnp.tanh(kernel(q, k, v).astype(jnp.float32)).sum()
+
+    return block
+
+
+@pytest.mark.parametrize("policy, forwards", [("full", 2), ("attention", 1)])
+def test_remat_attention_saves_the_cudnn_forward(monkeypatch, policy, forwards):
+    """cuDNN (traced on CPU, its version probe stubbed): under "full" the backward runs the kernel's forward again,
+    under "attention" its outputs (output, softmax stats) are saved and it runs once."""
+    import jax._src.cudnn.fused_attention_stablehlo as fused
+
+    from wanjax.models.transformer import _REMAT_POLICIES
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda cap: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    block = _remat_block(lambda q, k, v: attn.dot_product_attention(q, k, v, impl="cudnn"))
+    x = jnp.ones((1, 64, 2, 64), jnp.bfloat16)
+    w = jnp.full((64, 64), 0.01, jnp.bfloat16)
+    grad = jax.grad(jax.checkpoint(block, policy=_REMAT_POLICIES[policy]))
+    count = _count_in_jaxpr(grad, (w, x), lambda e: e.primitive.name == attn._CUDNN_FORWARD_PRIMITIVE)
+    assert count == forwards
+
+
+def test_remat_attention_saves_the_splash_forward():
+    """Splash (Pallas interpret mode): "attention" keeps the forward kernel's outputs, so it runs once, not twice
+    as under "full"; gradients unchanged."""
+    from wanjax.models.transformer import _REMAT_POLICIES
+
+    block = _remat_block(lambda q, k, v: attn.splash_attention(q, k, v, interpret=True))
+    x = jax.random.normal(jax.random.key(0), (1, 128, 2, 128), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (128, 128), jnp.float32) * 0.05
+
+    def is_fwd(e):
+        return e.primitive.name == "pallas_call" and str(e.params["name"]).startswith(attn._SPLASH_FORWARD_KERNEL)
+
+    grads = {}
+    for policy, forwards in (("full", 2), ("attention", 1)):
+        grad = jax.grad(jax.checkpoint(block, policy=_REMAT_POLICIES[policy]))
+        assert _count_in_jaxpr(grad, (w, x), is_fwd) == forwards, policy
+        grads[policy] = np.asarray(jax.jit(grad)(w, x))
+    np.testing.assert_allclose(grads["attention"], grads["full"], rtol=1e-5, atol=1e-6)

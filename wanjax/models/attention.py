@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding
 
 from wanjax import sharding
@@ -38,6 +39,15 @@ logger = logging.getLogger(__name__)
 ATTENTION_IMPLS = ("auto", "xla", "cpu", "cudnn", "splash")
 _XLA_PARTITIONED = ("xla", "cpu")  # kernels made of XLA ops: XLA partitions them itself under a mesh
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+# What each kernel's backward reads from its forward beyond q, k, v: the output and the softmax statistics. The remat
+# policy "attention" (`saves_attention_kernels`) keeps exactly these, so a rematerialised block does not run the
+# kernel's forward again. `cpu`: its checkpoint names; `cudnn`: the outputs of JAX's cuDNN forward primitive
+# (output, softmax stats); `splash`: the outputs of the Pallas forward kernel (output, logsumexp). `xla` (autodiff
+# through XLA ops, whose residual is the (S_q, S_k) probabilities) saves nothing: it is recomputed as under "full".
+KERNEL_RESIDUAL_NAMES = ("attention_kernel_out", "attention_kernel_lse")
+_CUDNN_FORWARD_PRIMITIVE = "dot_product_attention_fwd_wrapper"
+_SPLASH_FORWARD_KERNEL = "splash_mha_fwd"  # prefix of the pallas_call's name ("..._residuals" when differentiated)
 
 # Splash tiles. Wan's self-attention runs over 10^4-10^5 tokens with head_dim 128; large tiles keep the MXU busy and
 # amortise the HBM -> VMEM copies (MaxDiffusion uses 512-2048 on v5p/v6e). Capped by the (padded) sequence lengths
@@ -116,6 +126,18 @@ def dot_product_attention(
         return out
 
 
+def saves_attention_kernels(prim, *_, **params) -> bool:
+    """Remat policy (jax.checkpoint's `policy`): save the attention kernels' forward outputs that their backward
+    reads (see KERNEL_RESIDUAL_NAMES), recompute everything else."""
+    if prim.name == "name":  # checkpoint_name
+        return params.get("name") in KERNEL_RESIDUAL_NAMES
+    if prim.name == _CUDNN_FORWARD_PRIMITIVE:
+        return True
+    if prim.name == "pallas_call":
+        return str(params.get("name", "")).startswith(_SPLASH_FORWARD_KERNEL)
+    return False
+
+
 def _kernel(impl: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     if impl == "splash":
         interpret = jax.default_backend() != "tpu"
@@ -161,7 +183,10 @@ def _softmax_attention_fwd(q, k, v):
     p = jnp.exp(logits - row_max)
     row_sum = jnp.sum(p, axis=-1, keepdims=True)
     oh = (jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vh, preferred_element_type=_F32) / row_sum).astype(q.dtype)
-    return _heads_major(oh), (qh, kh, vh, oh, row_max + jnp.log(row_sum))
+    # named for the remat policy "attention"; the output is taken from the named value, so that saving it suffices
+    oh = checkpoint_name(oh, KERNEL_RESIDUAL_NAMES[0])
+    lse = checkpoint_name(row_max + jnp.log(row_sum), KERNEL_RESIDUAL_NAMES[1])
+    return _heads_major(oh), (qh, kh, vh, oh, lse)
 
 
 def _softmax_attention_bwd(res, d_out):

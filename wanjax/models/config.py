@@ -1,8 +1,8 @@
 """The Wan transformer's architecture config: diffusers' `WanTransformer3DModel` config.json, typed.
 
 Field names and defaults are diffusers' own so a `config.json` maps one to one. Two runtime options
-(`attention`: auto | xla | cpu | cudnn | splash, `remat_policy`: none | full | dots | offload) are wanjax's and never
-written to a diffusers config.
+(`attention`: auto | xla | cpu | cudnn | splash, `remat_policy`: none | full | dots | offload | attention) are
+wanjax's and never written to a diffusers config.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ _IGNORED_LEGACY = {"window_size", "add_img_emb", "model_type"}
 # Remat of each block: "none" keeps every activation; "full" saves nothing (recompute the block in backward);
 # "dots" saves matmul outputs; "offload" saves the named attention tensors (q, k, v, attention output) in pinned
 # host memory and recomputes the rest (device memory of "full", less recompute; needs host offload support:
-# GPU/TPU, and XLA:CPU where the copies are no-ops).
-REMAT_POLICIES = ("none", "full", "dots", "offload")
+# GPU/TPU, and XLA:CPU where the copies are no-ops). "dots" and "offload" still re-run the attention kernels (their
+# softmax statistics are not saved); "attention" saves each attention kernel's output and softmax statistics
+# (`attention.saves_attention_kernels`; not for the `xla` kernel) and recomputes the rest: the attention core,
+# most of a long clip's forward FLOPs, is not run twice, for ~2 S D activations per block.
+REMAT_POLICIES = ("none", "full", "dots", "offload", "attention")
 RUNTIME_FIELDS = frozenset({"attention", "remat_policy"})
 
 

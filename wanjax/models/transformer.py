@@ -9,7 +9,7 @@ Token layout inside is channels-last (B, S, D), frame-major then h then w; the p
 (B, C, F, H, W).
 
 Runtime options (WanConfig): `attention` picks the kernel (wanjax.models.attention); `remat_policy` none | full |
-dots | offload. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context` axis > 1 the
+dots | offload | attention. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context` axis > 1 the
 tokens are split over it after patchify (`constrain_tokens`) and self-attention goes through head all-to-alls.
 """
 
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from wanjax.models.attention import dot_product_attention
+from wanjax.models.attention import dot_product_attention, saves_attention_kernels
 from wanjax.models.config import WanConfig
 from wanjax.sharding import constrain_tokens, context_size
 
@@ -373,6 +373,7 @@ OFFLOADED_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out")
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention": saves_attention_kernels,
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED_NAMES),
         offload_src="device", offload_dst="pinned_host",
