@@ -236,11 +236,9 @@ def test_model_with_splash_matches_xla():
 # ---------------------------------------------------------------------------------------------------------
 # Remat policies
 # ---------------------------------------------------------------------------------------------------------
-def test_remat_offload_same_grads():
-    """"offload" gives the grads of "none" (tests/test_compile.py checks "full" and "dots" the same way), and it
-    really moves the named attention tensors to host memory (device_puts to MemorySpace.Host in the jaxpr: 2
-    attention modules x 4 names; XLA:CPU compiles them away, GPU/TPU to host transfers)."""
-    base = wanjax.WanConfig.from_diffusers(ref.T2V)
+def _tiny_model_value_and_grad(attention: str = "auto"):
+    """(policy -> value_and_grad of sum(out^2) over (params, hidden_states), params, hidden_states): tiny T2V."""
+    base = wanjax.WanConfig.from_diffusers(ref.T2V).replace(attention=attention)
     params = wanjax.init_params(base, jax.random.key(1))
     inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=2).items()}
 
@@ -253,11 +251,19 @@ def test_remat_offload_same_grads():
 
         return jax.value_and_grad(loss, argnums=(0, 1))
 
-    want = jax.tree_util.tree_leaves(jax.jit(value_and_grad("none"))(params, inp["hidden_states"]))
-    got = jax.tree_util.tree_leaves(jax.jit(value_and_grad("offload"))(params, inp["hidden_states"]))
+    return value_and_grad, params, inp["hidden_states"]
+
+
+def test_remat_offload_same_grads():
+    """"offload" gives the grads of "none" (tests/test_compile.py checks "full" and "dots" the same way), and it
+    really moves the named attention tensors to host memory (device_puts to MemorySpace.Host in the jaxpr: 2
+    attention modules x 4 names; XLA:CPU compiles them away, GPU/TPU to host transfers)."""
+    value_and_grad, params, x = _tiny_model_value_and_grad()
+    want = jax.tree_util.tree_leaves(jax.jit(value_and_grad("none"))(params, x))
+    got = jax.tree_util.tree_leaves(jax.jit(value_and_grad("offload"))(params, x))
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    jaxpr = str(jax.make_jaxpr(value_and_grad("offload"))(params, inp["hidden_states"]))
+    jaxpr = str(jax.make_jaxpr(value_and_grad("offload"))(params, x))
     assert "MemorySpace.Host" in jaxpr
 
 
@@ -281,24 +287,11 @@ def _exp_eqns(eqn) -> bool:
 def test_remat_attention_does_not_rerun_the_cpu_kernel():
     """With remat "attention" the tiny model's gradient re-runs no attention forward: its softmax exps are those of
     no remat (forward + the backward's recomputed probabilities), and "full" has one more per attention call."""
-    base = wanjax.WanConfig.from_diffusers(ref.T2V).replace(attention="cpu")
-    params = wanjax.init_params(base, jax.random.key(1))
-    inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=2).items()}
-
-    def grad_fn(policy):
-        config = base.replace(remat_policy=policy)
-
-        def loss(params, x):
-            out = wanjax.transformer_forward(config, params, x, inp["timestep"], inp["encoder_hidden_states"])
-            return jnp.sum(out**2)
-
-        return jax.grad(loss, argnums=(0, 1))
-
-    exps = {p: _count_in_jaxpr(grad_fn(p), (params, inp["hidden_states"]), _exp_eqns)
-            for p in ("none", "full", "attention")}
+    value_and_grad, params, x = _tiny_model_value_and_grad("cpu")
+    exps = {p: _count_in_jaxpr(value_and_grad(p), (params, x), _exp_eqns) for p in ("none", "full", "attention")}
     assert exps["attention"] == exps["none"] == exps["full"] - 2, exps  # 2 attention calls per (scanned) block
-    got = jax.jit(grad_fn("attention"))(params, inp["hidden_states"])
-    want = jax.jit(grad_fn("none"))(params, inp["hidden_states"])
+    got = jax.jit(value_and_grad("attention"))(params, x)
+    want = jax.jit(value_and_grad("none"))(params, x)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
