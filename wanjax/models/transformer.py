@@ -9,8 +9,9 @@ Token layout inside is channels-last (B, S, D), frame-major then h then w; the p
 (B, C, F, H, W).
 
 Runtime options (WanConfig): `attention` picks the kernel (wanjax.models.attention); `remat_policy` none | full |
-dots | offload | attention. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context` axis > 1 the
-tokens are split over it after patchify (`constrain_tokens`) and self-attention goes through head all-to-alls.
+dots | offload | attention. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context`
+axis > 1 the tokens are split over it after patchify (`constrain_tokens`) and self-attention goes through head
+all-to-alls.
 """
 
 from __future__ import annotations
