@@ -75,6 +75,27 @@ def test_bench_small_all():
         "forward_equivalents"]
 
 
+def test_bench_gemm_rates():
+    """bench_gemm: each product timed in JAX, torch and numpy, GFLOP/s = 2 b m k n / time; the model's shapes."""
+    report = json.loads(_run("bench_gemm.py", "--shapes", "24x16x8,3:8x32x16", "--calls", "3", "--warmup", "1"))
+    assert report["device"]["platform"] == "cpu" and report["dtype"] == "float32"
+    (a, b) = report["products"]
+    assert (a["batch"], a["m"], a["k"], a["n"]) == (1, 24, 16, 8) and (b["batch"], b["m"], b["k"], b["n"]) == (3, 8, 32, 16)
+    for row in (a, b):
+        for fw in ("jax", "torch", "numpy"):
+            assert _positive(row[f"{fw}_s"]), (fw, row)
+            flops = 2 * row["batch"] * row["m"] * row["k"] * row["n"]
+            assert math.isclose(row[f"{fw}_gflops"], flops / row[f"{fw}_s"] / 1e9, rel_tol=1e-9)
+        assert math.isclose(row["ratio_torch_over_jax"], row["torch_s"] / row["jax_s"], rel_tol=1e-9)
+    tiny = json.loads(_run("bench_gemm.py", "--model", "tiny", "--no-torch", "--calls", "1", "--warmup", "0"))
+    names = [r["name"] for r in tiny["products"]]
+    assert "ffn in S x D x F" in names and "self P V" in names
+    ffn = tiny["products"][names.index("ffn in S x D x F")]
+    self_pv = tiny["products"][names.index("self P V")]
+    assert "torch_s" not in ffn and ffn["k"] == 32 and ffn["n"] == 64  # tiny: width 2 x 16, FFN 64
+    assert self_pv["batch"] == 2 and self_pv["k"] == self_pv["m"] and self_pv["n"] == 16  # heads, S x S x head_dim
+
+
 def _rows(out: str) -> dict:
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     for r in rows:
