@@ -14,6 +14,8 @@ Benchmarks (each isolated: a failure is reported as {"error": ...} and the other
                        that DMD2 runs every iteration
   dmd_critic_step      a DMD iteration that updates only the critic (generator_update_interval > 1): rollout,
                        student sample, critic grad
+                       (both DMD steps run as train.py runs them: two programs, the generator phase then the
+                       critic phase; `programs` in the report)
   sample_step          one sampling step with CFG (wanjax.sample, UniPC, 1 step: cond + uncond as one batch of 2)
   forward              one transformer forward of the base model (no adapter) on the batch: the "1.3B forward"
   dcm_step             (optional, --bench dcm_step) a DCM semantic step (configs/dcm.py)
@@ -236,14 +238,13 @@ def bench_train(setup: Setup, args, name: str) -> dict:
     if name == "dmd_critic_step":  # step 1 with a huge interval: the generator is never updated
         state = state.replace(step=state.step + 1)
     batch = {"latents": setup.latents, "prompt_embeds": setup.prompt}
-    jitted = jax.jit(built.step, donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, built.frozen, batch).compile()
+    step, compiled_flops = _compile_step(built, state, batch)
     compile_s = time.perf_counter() - t0
     holder = {"state": state}
 
     def call():
-        new, metrics = compiled(holder["state"], built.frozen, batch)
+        new, metrics = step(holder["state"], built.frozen, batch)
         jax.block_until_ready((new, metrics))
         holder["state"] = new
 
@@ -278,11 +279,34 @@ def bench_train(setup: Setup, args, name: str) -> dict:
         what = "DCM semantic step: teacher CFG Euler step, EMA-target jump, student grad"
     b = setup.batch
     out = summarise(times, compile_s=compile_s, tokens=S, batch=b, flops=flops * b, model_flops=model_flops * b,
-                    compiled_flops=cost_flops(compiled), peak=args.peak, forwards=round(fw, 3), what=what)
-    out.update(lora_rank=rank, optimizer=c.optimizer, trainable_params=_trainable(holder["state"]))
+                    compiled_flops=compiled_flops, peak=args.peak, forwards=round(fw, 3), what=what)
+    out.update(lora_rank=rank, optimizer=c.optimizer, trainable_params=_trainable(holder["state"]),
+               programs=1 if built.phases is None else 2)
     if name == "lora_train_step" and args.vs_torch:
         args.jax_lora_call = call  # re-timed alternately with the torch step (see `interleaved`)
     return out
+
+
+def _compile_step(built, state, batch):
+    """(step(state, frozen, batch), compiled FLOPs) run as train.py runs it: one donated program, or the Method's
+    two phases (DMD: generator phase, then critic phase) as two programs, which is what keeps 14B DMD's peak
+    under 80 GB (the one-program `step` holds both halves' saved activations at once)."""
+    import jax
+
+    if built.phases is None:
+        compiled = jax.jit(built.step, donate_argnums=(0,)).lower(state, built.frozen, batch).compile()
+        return compiled, cost_flops(compiled)
+    phase_1, phase_2 = built.phases
+    carry = jax.eval_shape(phase_1, state, built.frozen, batch)[1]
+    c1 = jax.jit(phase_1, donate_argnums=(0,)).lower(state, built.frozen, batch).compile()
+    c2 = jax.jit(phase_2, donate_argnums=(0,)).lower(state, built.frozen, batch, carry).compile()
+    f1, f2 = cost_flops(c1), cost_flops(c2)
+
+    def step(state, frozen, batch):
+        state, carry = c1(state, frozen, batch)
+        return c2(state, frozen, batch, carry)
+
+    return step, (None if f1 is None or f2 is None else f1 + f2)
 
 
 def _trainable(state) -> int:

@@ -96,6 +96,18 @@ def test_bench_gemm_rates():
     assert self_pv["batch"] == 2 and self_pv["k"] == self_pv["m"] and self_pv["n"] == 16  # heads, S x S x head_dim
 
 
+def test_gpu_targets_refuses_unknown_part(tmp_path):
+    """scripts/gpu_targets.sh names the part it does not know and what it expected, and runs nothing."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_targets.sh"), str(tmp_path / "out"), "bogus"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown part 'bogus'" in proc.stderr and "dmd14b" in proc.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+    usage = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_targets.sh")], capture_output=True, text=True,
+                           timeout=60)
+    assert usage.returncode != 0 and "usage" in usage.stderr
+
+
 def _rows(out: str) -> dict:
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     for r in rows:
