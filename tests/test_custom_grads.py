@@ -1,13 +1,18 @@
-"""The transformer's hand-written derivatives (written out for XLA:CPU speed and saved-activation memory) equal
-autodiff of their formulas: `standardize` (LayerNorm / RMSNorm core) and `gelu_tanh`, both custom VJPs that keep
-their input in its own dtype, in value and gradient, float32 and bfloat16."""
+"""The transformer's hand-written derivatives (written out for XLA:CPU speed, saved-activation memory and
+bf16 products) equal autodiff of their formulas: `standardize` (LayerNorm / RMSNorm core), `gelu_tanh` and
+`dot_f32` (every linear layer's matmul), custom VJPs that keep their input in its own dtype, in value and gradient,
+float32 and bfloat16."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import reference as ref
+import wanjax
+from wanjax import lora as wl
 from wanjax.models import transformer as tf
+from wanjax.transformer_io import target_dtype
 
 
 def _layer_norm_formula(h, eps):
@@ -84,3 +89,99 @@ def test_bfloat16_inputs_keep_their_dtype_and_match_float32_math():
         np.testing.assert_allclose(np.asarray(out), np.asarray(out32), rtol=1e-5, atol=1e-5)
         (g32,) = vjp32(cot)
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g32), rtol=1e-2, atol=1e-2 * np.abs(g32).max())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dot_f32: the linear layers' matmul
+# ---------------------------------------------------------------------------------------------------------
+def _dot_autodiff(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("argnums", [(0,), (1,), (0, 1)])
+def test_dot_f32_matches_autodiff_of_jnp_dot(dtype, argnums):
+    """Value and gradients of autodiff'd jnp.dot (float32 accumulation), the caller rounding the result to the
+    operands' dtype as Dense does: in bf16 the cotangent is then exactly a bf16 value, so both compute the same
+    float32 sums (in another order) and the gradients differ at most by the rounding of their dtype."""
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 5, 48)).astype(dtype)
+    w = (jax.random.normal(k[1], (48, 24)) * 0.2).astype(dtype)
+    cot = jax.random.normal(k[2], (2, 5, 24))
+
+    def loss(dot):
+        return lambda x, w: jnp.sum(dot(x, w).astype(dtype).astype(jnp.float32) * cot)
+
+    np.testing.assert_array_equal(np.asarray(tf.dot_f32(x, w)), np.asarray(_dot_autodiff(x, w)))
+    got = jax.jit(jax.grad(loss(tf.dot_f32), argnums=argnums))(x, w)
+    want = jax.jit(jax.grad(loss(_dot_autodiff), argnums=argnums))(x, w)
+    for g, g_want, i in zip(got, want, argnums):
+        assert g.dtype == (x, w)[i].dtype
+        rtol = 1e-6 if dtype == jnp.float32 else 2.0**-7  # one bf16 ulp: the same f32 sum rounded either way
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32), rtol=rtol, atol=1e-6)
+
+
+def _dot_generals(fn, *args) -> list:
+    """The dot_general equations of fn's jaxpr, nested ones included (scan, remat, custom_vjp rules)."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_dot_f32_computes_and_saves_only_what_is_differentiated():
+    """A frozen weight (the base under LoRA) gets no gradient product and its input is not saved for one: the
+    gradient with respect to x alone holds the forward and dx products, not dw's."""
+    x, w = jnp.ones((2, 5, 8)), jnp.ones((8, 3))
+    f = lambda x, w: jnp.sum(tf.dot_f32(x, w))  # noqa: E731
+    shapes = {argnums: sorted(tuple(e.outvars[0].aval.shape) for e in _dot_generals(jax.grad(f, argnums), x, w))
+              for argnums in ((0,), (1,), (0, 1))}
+    # each jaxpr holds the primal product twice (custom_vjp keeps the primal function beside its forward rule)
+    assert shapes[(0,)].count((8, 3)) == 0 and shapes[(0,)].count((2, 5, 8)) == 1
+    assert shapes[(1,)].count((2, 5, 8)) == 0 and shapes[(1,)].count((8, 3)) == 1
+    assert shapes[(0, 1)].count((2, 5, 8)) == 1 and shapes[(0, 1)].count((8, 3)) == 1
+    _, residuals = jax.linearize(lambda x: f(x, w), x)  # x only: w kept, x not
+    kept = [leaf.shape for leaf in jax.tree_util.tree_leaves(residuals)]
+    assert (2, 5, 8) not in kept, kept
+
+
+def test_dot_f32_refuses_mixed_dtypes():
+    with pytest.raises(TypeError, match="float32 and bfloat16"):
+        tf.dot_f32(jnp.ones((2, 4)), jnp.ones((4, 3), jnp.bfloat16))
+
+
+def test_bf16_lora_gradient_products_are_bf16():
+    """The LoRA step's gradient in bf16 (the tiny T2V model, LoRA on attention and FFN): every product takes both
+    operands in one dtype (bf16 for the linear layers; autodiff paired the float32 cotangent with the bf16 weight or
+    activation, a float32 product once lowered) and no frozen weight gets a gradient product."""
+    config = wanjax.WanConfig.from_diffusers(ref.T2V)
+
+    def cast(path, x):
+        return x.astype(target_dtype(tuple(getattr(k, "key", str(k)) for k in path), np.float32, jnp.bfloat16))
+
+    params = jax.tree_util.tree_map_with_path(cast, wanjax.init_params(config, jax.random.key(1)))
+    inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=2).items()}
+    lora = wl.init_lora(config, jax.random.key(3), rank=4, targets=wl.DEFAULT_TARGETS + ("ffn.net.0.proj",
+                                                                                         "ffn.net.2"))
+
+    def loss(lora):
+        out = wanjax.transformer_forward(config, params, inp["hidden_states"], inp["timestep"],
+                                         inp["encoder_hidden_states"], lora=lora)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    dots = _dot_generals(jax.grad(loss), lora)
+    mixed = [tuple((str(v.aval.dtype), v.aval.shape) for v in e.invars) for e in dots
+             if e.invars[0].aval.dtype != e.invars[1].aval.dtype]
+    assert mixed == []
+    bf16 = [e for e in dots if e.invars[0].aval.dtype == jnp.bfloat16]
+    assert len(bf16) > 50
+    # no (tokens, d_in) x (tokens, d_out) product except LoRA's A / B gradients (rank 4 on one side)
+    weight_grads = [e for e in bf16 if all(v.aval.ndim == 3 for v in e.invars) and e.outvars[0].aval.ndim == 2]
+    assert weight_grads and all(4 in e.outvars[0].aval.shape for e in weight_grads)

@@ -38,6 +38,46 @@ TEXT_CONTEXT_LEN = 512
 # ---------------------------------------------------------------------------------------------------------
 # Layers
 # ---------------------------------------------------------------------------------------------------------
+@jax.custom_vjp
+def dot_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., k) @ w (k, n) of one dtype, accumulated and returned in float32; the matmul of every linear layer.
+
+    The backward is written out so that its products run in that dtype. Autodiff's would multiply the float32
+    cotangent by the bfloat16 operand, which JAX lowers as a float32 product (operand converted): on a GPU half the
+    bf16 rate or less, for most of a training step's FLOPs. Here the cotangent is rounded to the operands' dtype
+    first, which is exact where the caller rounds the result to that dtype (Dense, PatchEmbed), and the products
+    accumulate in float32. Only what is differentiated is computed or saved: the weight gradient, and x for it,
+    only when w is (LoRA A / B, not the frozen base), contracting the leading (token) axes directly (autodiff's form
+    made XLA:CPU write each cotangent transposed first: ~5% of a small-model LoRA step).
+    """
+    if x.dtype != w.dtype:
+        raise TypeError(f"dot_f32: operands of one dtype expected, got {x.dtype} and {w.dtype}")
+    return jnp.dot(x, w, preferred_element_type=F32)
+
+
+def _dot_f32_fwd(x, w):  # symbolic_zeros: x and w arrive as CustomVJPPrimal (value, perturbed)
+    y = dot_f32(x.value, w.value)
+    # saved: w for dx if x is differentiated, x for dw if w is
+    return y, (w.value if x.perturbed else None, x.value if w.perturbed else None)
+
+
+def _dot_f32_bwd(res, g):
+    w, x = res
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    dtype = (w if w is not None else x).dtype
+    g = g.astype(dtype)
+    dx = None if w is None else jnp.dot(g, w.T, preferred_element_type=F32).astype(dtype)
+    dw = None
+    if x is not None:
+        lead = tuple(range(x.ndim - 1))
+        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=F32).astype(dtype)
+    return dx, dw
+
+
+dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd, symbolic_zeros=True)
+
+
 class Dense(nn.Module):
     """torch.nn.Linear: y = x W + b, accumulated in float32 and rounded once to the output dtype.
 
@@ -57,12 +97,12 @@ class Dense(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), F32)
         if self.cast_input:
             x = x.astype(kernel.dtype)
-        y = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=F32) + bias.astype(F32)
+        y = dot_f32(x, kernel.astype(x.dtype)) + bias.astype(F32)
         if self.has_variable("lora", "A"):
             a = self.get_variable("lora", "A").astype(x.dtype)
             b = self.get_variable("lora", "B").astype(x.dtype)
-            low = jnp.dot(x, a, preferred_element_type=F32).astype(x.dtype)
-            y = y + jnp.dot(low, b, preferred_element_type=F32)
+            low = dot_f32(x, a).astype(x.dtype)
+            y = y + dot_f32(low, b)
             if self.has_variable("lora", "bias"):
                 y = y + self.get_variable("lora", "bias").astype(F32)
         return y.astype(x.dtype)
@@ -396,7 +436,7 @@ class PatchEmbed(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*cfg.patch_size, cfg.in_channels, dim), F32)
         bias = self.param("bias", nn.initializers.zeros_init(), (dim,), F32)
         x = patches.astype(kernel.dtype)
-        y = jnp.dot(x, kernel.reshape(-1, dim), preferred_element_type=F32) + bias.astype(F32)
+        y = dot_f32(x, kernel.reshape(-1, dim)) + bias.astype(F32)
         return y.astype(kernel.dtype)
 
 
