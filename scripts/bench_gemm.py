@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,14 +57,9 @@ def parse_shapes(spec: str) -> list[tuple[str, int, int, int, int]]:
 
 
 def median_time(call, calls: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    from bench import time_calls
+
+    return statistics.median(time_calls(call, calls, warmup))
 
 
 def gflops(b: int, m: int, k: int, n: int, seconds: float) -> float:
