@@ -2,8 +2,8 @@
 
 Every released variant: Wan2.1 T2V, I2V / FLF2V (image embedder, added K/V, `pos_embed`), Wan2.2 A14B experts and
 TI2V-5B (per-token timesteps). Blocks are one `nn.scan` over parameters stacked [num_layers, ...], optionally
-rematerialised. Dtypes follow diffusers: matmuls in the weights' dtype (bf16 in training), float32 for the
-timestep embedding, modulation, norms and gated residuals.
+rematerialised. Dtypes follow diffusers: matmuls in the weights' dtype (bf16 in training; their gradient
+products too, `dot_f32`), float32 for the timestep embedding, modulation, norms and gated residuals.
 
 Token layout inside is channels-last (B, S, D), frame-major then h then w; the public boundary is diffusers'
 (B, C, F, H, W).
