@@ -296,6 +296,18 @@ def test_remat_attention_does_not_rerun_the_cpu_kernel():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def _plain_dots(eqn) -> bool:  # products without batch dimensions: the linear layers (not the attention core)
+    return eqn.primitive.name == "dot_general" and not eqn.params["dimension_numbers"][1][0]
+
+
+def test_remat_dots_recomputes_no_linear_layer_product():
+    """"dots" saves the products without batch dimensions (every linear layer's, computed inside dot_f32's forward
+    rule): its gradient jaxpr has exactly as many of them as no remat's, "full" more (they are recomputed)."""
+    value_and_grad, params, x = _tiny_model_value_and_grad()
+    plain = {p: _count_in_jaxpr(value_and_grad(p), (params, x), _plain_dots) for p in ("none", "full", "dots")}
+    assert plain["dots"] == plain["none"] < plain["full"], plain
+
+
 def _remat_block(kernel):
     """A block-like function (projections, attention, a nonlinearity) for jax.checkpoint with a policy."""
     def block(w, x):

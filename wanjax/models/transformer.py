@@ -50,13 +50,18 @@ def dot_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     only when w is (LoRA A / B, not the frozen base), contracting the leading (token) axes directly (autodiff's form
     made XLA:CPU write each cotangent transposed first: ~5% of a small-model LoRA step).
     """
+    return _dot(x, w)
+
+
+def _dot(x, w):
     if x.dtype != w.dtype:
         raise TypeError(f"dot_f32: operands of one dtype expected, got {x.dtype} and {w.dtype}")
     return jnp.dot(x, w, preferred_element_type=F32)
 
 
 def _dot_f32_fwd(x, w):  # symbolic_zeros: x and w arrive as CustomVJPPrimal (value, perturbed)
-    y = dot_f32(x.value, w.value)
+    # the product itself here, not dot_f32 (a nested custom_vjp call): remat policies ("dots") must see the dot
+    y = _dot(x.value, w.value)
     # saved: w for dx if x is differentiated, x for dw if w is
     return y, (w.value if x.perturbed else None, x.value if w.perturbed else None)
 
