@@ -43,12 +43,13 @@ def dot_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     """x (..., k) @ w (k, n) of one dtype, accumulated and returned in float32; the matmul of every linear layer.
 
     The backward is written out so that its products run in that dtype. Autodiff's would multiply the float32
-    cotangent by the bfloat16 operand, which JAX lowers as a float32 product (operand converted): on a GPU half the
-    bf16 rate or less, for most of a training step's FLOPs. Here the cotangent is rounded to the operands' dtype
-    first, which is exact where the caller rounds the result to that dtype (Dense, PatchEmbed), and the products
-    accumulate in float32. Only what is differentiated is computed or saved: the weight gradient, and x for it,
-    only when w is (LoRA A / B, not the frozen base), contracting the leading (token) axes directly (autodiff's form
-    made XLA:CPU write each cotangent transposed first: ~5% of a small-model LoRA step).
+    cotangent by the bfloat16 operand, which JAX lowers as a float32 product (operand converted): unless XLA folds
+    the conversion back, a float32 (TF32 at best) product on a GPU, for most of a training step's FLOPs. Here the
+    cotangent is rounded to the operands' dtype first, which is exact where the caller rounds the result to that
+    dtype (Dense, PatchEmbed), and the products accumulate in float32. Only what is differentiated is computed or
+    saved: the weight gradient, and x for it, only when w is (LoRA A / B, not the frozen base), contracting the
+    leading (token) axes directly (autodiff's form made XLA:CPU write each cotangent transposed first: 5-7% of a
+    small-model LoRA step).
     """
     return _dot(x, w)
 
