@@ -297,8 +297,9 @@ def _compile_step(built, state, batch):
         compiled = jax.jit(built.step, donate_argnums=(0,)).lower(state, built.frozen, batch).compile()
         return compiled, cost_flops(compiled)
     phase_1, phase_2 = built.phases
-    carry = jax.eval_shape(phase_1, state, built.frozen, batch)[1]
-    c1 = jax.jit(phase_1, donate_argnums=(0,)).lower(state, built.frozen, batch).compile()
+    lowered_1 = jax.jit(phase_1, donate_argnums=(0,)).lower(state, built.frozen, batch)
+    carry = lowered_1.out_info[1]  # phase 1's output shapes: no second trace for them
+    c1 = lowered_1.compile()
     c2 = jax.jit(phase_2, donate_argnums=(0,)).lower(state, built.frozen, batch, carry).compile()
     f1, f2 = cost_flops(c1), cost_flops(c2)
 
