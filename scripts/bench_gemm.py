@@ -62,8 +62,8 @@ def median_time(call, calls: int, warmup: int) -> float:
     return statistics.median(time_calls(call, calls, warmup))
 
 
-def gflops(b: int, m: int, k: int, n: int, seconds: float) -> float:
-    return 2.0 * b * m * k * n / seconds / 1e9
+def gflops(row: dict, seconds: float) -> float:
+    return 2.0 * row["batch"] * row["m"] * row["k"] * row["n"] / seconds / 1e9
 
 
 def main(argv=None) -> int:
@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="JAX only")
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     args = ap.parse_args(argv)
-
+    if not args.no_torch:  # as bench.py: JAX's default 75% GPU preallocation would starve torch in this process
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     for row, (a_np, b_np) in zip(rows, operands):
         a, w = jnp.asarray(a_np, dtype), jnp.asarray(b_np, dtype)
         row["jax_s"] = median_time(lambda: product(a, w).block_until_ready(), args.calls, args.warmup)
-        row["jax_gflops"] = gflops(row["batch"], row["m"], row["k"], row["n"], row["jax_s"])
+        row["jax_gflops"] = gflops(row, row["jax_s"])
 
     torch = None
     if not args.no_torch:
@@ -140,12 +141,12 @@ def main(argv=None) -> int:
                     sync()
 
                 row["torch_s"] = median_time(torch_call, args.calls, args.warmup)
-                row["torch_gflops"] = gflops(row["batch"], row["m"], row["k"], row["n"], row["torch_s"])
+                row["torch_gflops"] = gflops(row, row["torch_s"])
                 row["ratio_torch_over_jax"] = row["torch_s"] / row["jax_s"]
     if on_cpu and dtype == "float32":
         for row, (a_np, b_np) in zip(rows, operands):
             row["numpy_s"] = median_time(lambda: np.matmul(a_np, b_np), args.calls, args.warmup)
-            row["numpy_gflops"] = gflops(row["batch"], row["m"], row["k"], row["n"], row["numpy_s"])
+            row["numpy_gflops"] = gflops(row, row["numpy_s"])
 
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
