@@ -1,4 +1,5 @@
-"""Tiny diffusers reference models for parity tests, built offline with every parameter randomised."""
+"""Tiny diffusers reference models for parity tests, built offline with every parameter randomised, and the tests'
+shared jaxpr walker."""
 
 from __future__ import annotations
 
@@ -73,3 +74,19 @@ def rel_err(a, b) -> float:
     """max |a - b| / max |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def jaxpr_eqns(fn, *args) -> list:
+    """Every equation of fn's jaxpr at args, nested ones included (scan, remat, custom_vjp rules, vmap'd kernels)."""
+    import jax
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            found.append(eqn)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found

@@ -269,15 +269,7 @@ def test_remat_offload_same_grads():
 
 def _count_in_jaxpr(fn, args, predicate) -> int:
     """Equations of `fn`'s jaxpr, nested ones included (remat, scan, vmap'd kernels), for which predicate(eqn)."""
-    def walk(jaxpr):
-        n = 0
-        for eqn in jaxpr.eqns:
-            n += bool(predicate(eqn))
-            for sub in jax.core.jaxprs_in_params(eqn.params):
-                n += walk(sub)
-        return n
-
-    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sum(bool(predicate(eqn)) for eqn in ref.jaxpr_eqns(fn, *args))
 
 
 def _exp_eqns(eqn) -> bool:

@@ -123,17 +123,7 @@ def test_dot_f32_matches_autodiff_of_jnp_dot(dtype, argnums):
 
 def _dot_generals(fn, *args) -> list:
     """The dot_general equations of fn's jaxpr, nested ones included (scan, remat, custom_vjp rules)."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                found.append(eqn)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    return [eqn for eqn in ref.jaxpr_eqns(fn, *args) if eqn.primitive.name == "dot_general"]
 
 
 def test_dot_f32_computes_and_saves_only_what_is_differentiated():
