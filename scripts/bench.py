@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import json
 import math
@@ -187,8 +186,7 @@ class Setup:
         import numpy as np
 
         from memory_report import latent_shape, model_presets, tokens_of
-        from wanjax.models.transformer import param_shapes
-        from wanjax.transformer_io import target_dtype
+        from wanjax.models.transformer import init_params
 
         self.model = model_presets()[args.model].replace(remat_policy=args.remat, attention=args.attention)
         self.dtype = jnp.dtype(args.dtype)
@@ -196,19 +194,8 @@ class Setup:
         frames, height, width = args.frames, args.height, args.width
         self.latents_shape = latent_shape(self.model, frames, height, width, args.batch)
         self.tokens = tokens_of(self.model, self.latents_shape)
-        # random weights leaf by leaf in their target dtypes (never a float32 copy of the whole model: 57 GB at 14B)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(self.model))
-        keys = jax.random.split(jax.random.key(0), len(leaves))
-
-        @functools.partial(jax.jit, static_argnums=(1, 2))
-        def init(key, shape, dtype):
-            return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
-
-        def leaf(key, path, s):
-            names = tuple(getattr(k, "key", str(k)) for k in path)
-            return init(key, tuple(s.shape), np.dtype(target_dtype(names, np.float32, self.dtype)))
-
-        self.base = jax.tree_util.tree_unflatten(treedef, [leaf(k, p, s) for k, (p, s) in zip(keys, leaves)])
+        # random weights in the dtypes loading gives them, drawn leaf by leaf (never a float32 copy of the model)
+        self.base = init_params(self.model, jax.random.key(0), self.dtype)
         self.n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(self.base))
         k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
         self.latents = jax.random.normal(k1, self.latents_shape, jnp.float32)

@@ -23,22 +23,11 @@ from wanjax import lora as lora_lib
 from wanjax.losses import dmd as dmdlib
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import param_shapes, transformer_forward
-from wanjax.transformer_io import target_dtype
 
 MODELS = {
     "1.3b": WanConfig(num_attention_heads=12, ffn_dim=8960, num_layers=30, remat_policy="full"),
     "14b": WanConfig(num_attention_heads=40, ffn_dim=13824, num_layers=40, remat_policy="full"),
 }
-
-
-def abstract_base(config: WanConfig, dtype=jnp.bfloat16):
-    import numpy as np
-
-    def one(path, s):
-        names = tuple(getattr(k, "key", str(k)) for k in path)
-        return jax.ShapeDtypeStruct(s.shape, target_dtype(names, np.float32, dtype))
-
-    return jax.tree_util.tree_map_with_path(one, param_shapes(config))
 
 
 def measure(name: str, frames: int, height: int, width: int, rank: int, base_dtype=jnp.bfloat16) -> dict:
@@ -55,7 +44,7 @@ def measure(name: str, frames: int, height: int, width: int, rank: int, base_dty
                                critic_opt=crit_opt.init(critic), ema=None, rng=jax.random.key_data(key))
 
     state = jax.eval_shape(init_state, jax.random.key(0))
-    frozen = dmdlib.DMDFrozen(params=abstract_base(model, base_dtype), uncond=jax.ShapeDtypeStruct((512, model.text_dim), jnp.float32))
+    frozen = dmdlib.DMDFrozen(params=param_shapes(model, base_dtype), uncond=jax.ShapeDtypeStruct((512, model.text_dim), jnp.float32))
     lat = (1, model.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8)
     batch = {"latents": jax.ShapeDtypeStruct(lat, jnp.float32),
              "prompt_embeds": jax.ShapeDtypeStruct((1, 512, model.text_dim), jnp.float32)}

@@ -118,22 +118,15 @@ def load_config(name: str):
 
 
 def abstract_base(model, dtype, shardings=None):
-    """The base params as ShapeDtypeStructs: `dtype`, diffusers' float32 modules kept float32 (as loading does)."""
+    """The base params as ShapeDtypeStructs in the dtypes loading gives them (`param_shapes(model, dtype)`)."""
     import jax
-    import numpy as np
 
     from wanjax.models.transformer import param_shapes
-    from wanjax.transformer_io import target_dtype
 
-    shapes = param_shapes(model)
+    shapes = param_shapes(model, dtype)
     if shardings is None:
-        shardings = jax.tree_util.tree_map(lambda _: None, shapes)
-
-    def one(path, s, sh):
-        names = tuple(getattr(k, "key", str(k)) for k in path)
-        return jax.ShapeDtypeStruct(s.shape, target_dtype(names, np.float32, dtype), sharding=sh)
-
-    return jax.tree_util.tree_map_with_path(one, shapes, shardings)
+        return shapes
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def build_method(method: str, model, base, text_embeds: dict, overrides: dict | None = None):

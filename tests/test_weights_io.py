@@ -204,6 +204,26 @@ def test_save_transformer_from_random_params_loads_in_diffusers(tmp_path):
     assert ref.rel_err(forward(config, params, inp), ref.torch_forward(model, inp)) <= TOL
 
 
+def test_random_params_take_the_dtypes_loading_gives(tmp_path):
+    """init_params / param_shapes in bfloat16 hold what load_transformer(dtype=bfloat16) holds: bfloat16, except
+    diffusers' float32 modules (time embedder, norms with affine weights, scale-shift tables)."""
+    import jax
+    import jax.numpy as jnp
+
+    config = wanjax.WanConfig.from_diffusers(ref.T2V)
+    wanjax.save_transformer(config, wanjax.init_params(config, jax.random.key(0)), tmp_path / "m")
+    _, loaded = wanjax.load_transformer(tmp_path / "m", dtype=jnp.bfloat16)
+
+    def dtypes(tree):
+        return {jax.tree_util.keystr(p): jnp.dtype(x.dtype) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+    want = dtypes(loaded)
+    assert set(want.values()) == {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    assert dtypes(wanjax.init_params(config, jax.random.key(1), jnp.bfloat16)) == want
+    assert dtypes(wanjax.param_shapes(config, jnp.bfloat16)) == want
+    assert set(dtypes(wanjax.param_shapes(config)).values()) == {jnp.dtype(jnp.float32)}
+
+
 def test_safetensors_writer_readable_by_reference_library(tmp_path):
     import ml_dtypes
 

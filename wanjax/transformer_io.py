@@ -35,7 +35,6 @@ DIFFUSERS_STEM = "diffusion_pytorch_model"
 DEFAULT_MAX_SHARD_BYTES = 10 * 1024**3  # diffusers' save_pretrained default ("10GB")
 # diffusers' `_keys_to_ignore_on_load_unexpected` for Wan.
 _IGNORED_UNEXPECTED = re.compile(r"norm_added_q")
-_HALF = (jnp.bfloat16, jnp.float16)
 
 
 class ParamReader(Protocol):
@@ -242,15 +241,6 @@ def open_reader(path: str | os.PathLike, *, subfolder: str | None = None, **over
 # ---------------------------------------------------------------------------------------------------------
 # Loading into device arrays
 # ---------------------------------------------------------------------------------------------------------
-def target_dtype(path: tuple[str, ...], stored: np.dtype, dtype) -> np.dtype:
-    """dtype=None keeps what is stored; a half dtype keeps diffusers' float32 modules in float32."""
-    if dtype is None:
-        return np.dtype(stored)
-    if jnp.dtype(dtype) in _HALF and weights.keeps_fp32(path):
-        return np.dtype(np.float32)
-    return np.dtype(jnp.dtype(dtype))
-
-
 def materialize(reader: ParamReader, *, dtype=jnp.bfloat16, shardings=None) -> dict:
     """Device params from a reader. With `shardings` (a tree of Shardings), each device receives only its slice,
     read for the layers it holds: the full model is never assembled on one host or device."""
@@ -261,7 +251,7 @@ def materialize(reader: ParamReader, *, dtype=jnp.bfloat16, shardings=None) -> d
 
     def load(path_keys, leaf):
         path = tuple(getattr(k, "key", str(k)) for k in path_keys)
-        dt = target_dtype(path, reader.dtype(path), dtype)
+        dt = weights.target_dtype(path, reader.dtype(path), dtype)
         if flat_shard is None:
             # Block per tensor: async transfers would otherwise keep many host buffers alive at once.
             return jax.device_put(reader.read(path).astype(dt, copy=False)).block_until_ready()
@@ -339,7 +329,7 @@ class _AtomicDir:
 
 
 def _out_dtype(reader: ParamReader, path, dtype) -> np.dtype:
-    return target_dtype(path, reader.dtype(path), dtype)
+    return weights.target_dtype(path, reader.dtype(path), dtype)
 
 
 def _follow(specs, produce) -> None:

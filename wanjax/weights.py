@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from wanjax.models.config import WanConfig
@@ -119,6 +120,19 @@ def diffusers_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
 
 def keeps_fp32(path: tuple[str, ...]) -> bool:
     return any(seg in KEEP_FP32_SEGMENTS for seg in path)
+
+
+_HALF = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+
+
+def target_dtype(path: tuple[str, ...], stored, dtype) -> np.dtype:
+    """The dtype a param gets when the model is loaded (or built) in `dtype`: dtype=None keeps what is stored; a
+    half dtype keeps diffusers' float32 modules (`KEEP_FP32_SEGMENTS`) in float32."""
+    if dtype is None:
+        return np.dtype(stored)
+    if np.dtype(dtype) in _HALF and keeps_fp32(path):
+        return np.dtype(np.float32)
+    return np.dtype(dtype)
 
 
 def kind_of(path: tuple[str, ...]) -> str:

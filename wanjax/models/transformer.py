@@ -27,6 +27,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from wanjax.models.attention import dot_product_attention, saves_attention_kernels
+from wanjax import weights
 from wanjax.models.config import WanConfig
 from wanjax.sharding import constrain_tokens, context_size
 
@@ -561,8 +562,10 @@ def transformer_forward(
     )
 
 
-def param_shapes(config: WanConfig) -> dict:
-    """The params pytree of `config` as `jax.ShapeDtypeStruct`s (float32), without allocating anything."""
+def param_shapes(config: WanConfig, dtype=None) -> dict:
+    """The params pytree of `config` as `jax.ShapeDtypeStruct`s, without allocating anything: float32, or with
+    `dtype` each leaf in the dtype `load_transformer(..., dtype=dtype)` gives it (diffusers' float32 modules stay
+    float32 under a half dtype)."""
     pt, ph, pw = config.patch_size
     b = 1
     # one token per `context` device, so a mesh in effect (even while tracing under jit) can split the dummy input
@@ -574,14 +577,27 @@ def param_shapes(config: WanConfig) -> dict:
         n = config.pos_embed_seq_len or 1
         img = jax.ShapeDtypeStruct((b, n, config.image_dim), F32)
     model = WanTransformer(config)
-    shapes = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, ctx, img)
-    return shapes["params"]
+    shapes = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a), x, t, ctx, img)["params"]
+    if dtype is None:
+        return shapes
+
+    def leaf(path, s):
+        names = tuple(getattr(k, "key", str(k)) for k in path)
+        return jax.ShapeDtypeStruct(s.shape, weights.target_dtype(names, s.dtype, dtype))
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_leaf(key, shape, dtype):
+    return (jax.random.normal(key, shape, F32) * 0.02).astype(dtype)
 
 
 def init_params(config: WanConfig, rng: jax.Array, dtype=F32) -> dict:
-    """Random parameters (diffusers-like init scales) for tests, demos and benchmarks."""
-    shapes = param_shapes(config)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    """Random parameters (normal, scale 0.02) for tests, demos and benchmarks, in the dtypes `load_transformer`
+    gives a model loaded in `dtype`. One compiled draw per leaf, straight into its dtype: no float32 copy of a
+    bfloat16 leaf is ever held (a 14B's stacked FFN kernel is 11 GB in float32; a benchmark's peak memory counts it)."""
+    leaves, treedef = jax.tree_util.tree_flatten(param_shapes(config, dtype))
     keys = jax.random.split(rng, len(leaves))
-    out = [(jax.random.normal(k, s.shape, F32) * 0.02).astype(dtype) for k, s in zip(keys, leaves)]
+    out = [_random_leaf(k, tuple(s.shape), s.dtype) for k, s in zip(keys, leaves)]
     return jax.tree_util.tree_unflatten(treedef, out)
