@@ -36,9 +36,13 @@ FLOPs (analytic, per sample; S video tokens, L text tokens, D width, F FFN width
                + 4 S L D (cross QK^T, AV) + 4 S D F (FFN) + LoRA 2 n r (in + out) per adapted layer (n = S or L)
   outside      patch embedding 2 S p C_in D, text embedder 2 L (C D + D^2), time embedding, proj_out 2 S D p C_out
   forward      = layers x per block + outside
-  a train pass = 3 forwards (backward = 2 x forward, the usual convention; the frozen base needs no weight
-                 gradients, so the hardware does somewhat less) + 1 forward with remat "full"/"offload"
-                 ("dots": + the attention-core FLOPs only; "attention": + all but them)
+  a train pass = 3 forwards (backward = 2 x forward, the usual convention) + the blocks' forward again with
+                 remat "full"/"offload", but for each FFN's output product (the block's output is kept) ("dots":
+                 + the attention-core FLOPs only; "attention": + all but them)
+  frozen base  the LoRA step's `frozen_base_flops` / `mfu_frozen_base`: forward + the backward a LoRA step cannot do
+                 without: no weight gradient of the frozen base (its layers' input gradients only, none for the
+                 text K / V and the embeddings), the attention cores' 4 backward products, the adapters' gradients;
+                 nothing recomputed (1.3B at 480x832x81: ~2.7 forwards, against the convention's 3)
   steps        lora = 1 train pass; dmd generator = (n-1) rollout + train pass (student) + fake score (1, or 2
                with fake CFG) + teacher CFG (2) + train pass (critic); dmd critic = (n-1) + 1 + train pass;
                dcm = teacher CFG (2) + target (1) + train pass; sample step = 2 forwards; forward = 1
@@ -94,30 +98,63 @@ _SEQ = {"attn1": "S", "attn2.to_q": "S", "attn2.to_out.0": "S", "attn2.to_k": "L
         "ffn.net.0.proj": "S", "ffn.net.2": "S"}
 
 
-def forward_flops(model, tokens: int, text_len: int, rank: int = 0, targets: tuple[str, ...] = ()) -> float:
-    """Analytic FLOPs of one transformer forward for one sample (see the module docstring)."""
+def _lora_layers(model, tokens: int, text_len: int, targets: tuple[str, ...]):
+    """(n, d_in, d_out, on_video) of each adapted layer in a block: n rows (S video or L text tokens)."""
+    S, L, D, F = tokens, text_len, model.inner_dim, model.ffn_dim
+    for t in targets:
+        video = _SEQ.get(t, _SEQ.get(t.split(".")[0], "S")) == "S"
+        d_in, d_out = (D, F) if t == "ffn.net.0.proj" else (F, D) if t == "ffn.net.2" else (D, D)
+        yield (S if video else L), d_in, d_out, video
+
+
+def block_flops(model, tokens: int, text_len: int, rank: int = 0, targets: tuple[str, ...] = ()) -> float:
+    """Analytic FLOPs of one block's forward for one sample (see the module docstring)."""
     S, L, D, F = tokens, text_len, model.inner_dim, model.ffn_dim
     block = 8 * S * D * D + 4 * S * S * D + 4 * S * D * D + 4 * L * D * D + 4 * S * L * D + 4 * S * D * F
-    for t in targets:  # LoRA: (x A) B, 2 n r (in + out)
-        n = S if _SEQ.get(t, _SEQ.get(t.split(".")[0], "S")) == "S" else L
-        d_in, d_out = (D, F) if t == "ffn.net.0.proj" else (F, D) if t == "ffn.net.2" else (D, D)
-        block += 2 * n * rank * (d_in + d_out)
+    return float(block + sum(2 * n * rank * (d_in + d_out) for n, d_in, d_out, _ in _lora_layers(
+        model, tokens, text_len, targets)))
+
+
+def forward_flops(model, tokens: int, text_len: int, rank: int = 0, targets: tuple[str, ...] = ()) -> float:
+    """Analytic FLOPs of one transformer forward for one sample (see the module docstring)."""
+    S, L, D = tokens, text_len, model.inner_dim
     p = math.prod(model.patch_size)
     outside = (2 * S * p * model.in_channels * D + 2 * L * (model.text_dim * D + D * D)
                + 2 * (model.freq_dim * D + D * D + 6 * D * D) + 2 * S * D * p * model.out_channels)
-    return float(model.num_layers * block + outside)
+    return float(model.num_layers * block_flops(model, tokens, text_len, rank, targets) + outside)
 
 
 def attention_core_flops(model, tokens: int, text_len: int) -> float:
     return float(model.num_layers * (4 * tokens * tokens * model.inner_dim + 4 * tokens * text_len * model.inner_dim))
 
 
-def train_pass(model, tokens, text_len, rank, targets) -> tuple[float, float]:
-    """(FLOPs executed, FLOPs without remat's recompute) of forward + backward for one sample."""
+def frozen_base_backward_flops(model, tokens: int, text_len: int, rank: int, targets: tuple[str, ...]) -> float:
+    """Analytic FLOPs of a LoRA step's backward for one sample with nothing recomputed and no frozen weight's gradient:
+    per block the frozen linear layers' input gradients (1 x their forward; none for cross-attention's text K / V),
+    the attention cores' dP, dV, dQ, dK (2 x their forward), and each adapter's dB, dA and, on video tokens, its input
+    gradient; outside the blocks only proj_out's input gradient (the patch, text and time embeddings hold nothing
+    trained and take no differentiated input)."""
+    S, L, D, F = tokens, text_len, model.inner_dim, model.ffn_dim
+    block = 8 * S * D * D + 8 * S * S * D + 4 * S * D * D + 8 * S * L * D + 4 * S * D * F
+    for n, d_in, d_out, video in _lora_layers(model, tokens, text_len, targets):
+        # dB = (x A)^T dy, d(x A) = dy B^T, dA = x^T d(x A), and dx = d(x A) A^T where x is differentiated
+        block += 2 * n * rank * (2 * d_out + d_in + (d_in if video else 0))
+    return float(model.num_layers * block + 2 * S * D * math.prod(model.patch_size) * model.out_channels)
+
+
+def train_pass(model, tokens, text_len, rank, targets) -> tuple[float, float, float]:
+    """(FLOPs executed, FLOPs without remat's recompute, forward + frozen-base backward) of a LoRA train pass for one
+    sample. The first two count the backward as 2 forwards (the convention behind MFU); the third what a LoRA step
+    cannot do without (`frozen_base_backward_flops`)."""
     fwd = forward_flops(model, tokens, text_len, rank, targets)
+    # what remat runs again: the blocks' forward but for the FFN's output product (with its adapter's B), whose
+    # result is the block's output, saved as the next block's input
+    S, D, F = tokens, model.inner_dim, model.ffn_dim
+    last = 2 * S * F * D + (2 * S * rank * D if "ffn.net.2" in targets else 0)
+    blocks = model.num_layers * (block_flops(model, tokens, text_len, rank, targets) - last)
     core = attention_core_flops(model, tokens, text_len)
-    extra = {"full": fwd, "offload": fwd, "dots": core, "attention": fwd - core}.get(model.remat_policy, 0.0)
-    return 3 * fwd + extra, 3 * fwd
+    extra = {"full": blocks, "offload": blocks, "dots": core, "attention": blocks - core}.get(model.remat_policy, 0.0)
+    return 3 * fwd + extra, 3 * fwd, fwd + frozen_base_backward_flops(model, tokens, text_len, rank, targets)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -240,7 +277,7 @@ def bench_train(setup: Setup, args, name: str) -> dict:
     m, S, L = setup.model, setup.tokens, setup.text_len
     fwd = forward_flops(m, S, L, rank, targets)
     fwd_base = forward_flops(m, S, L)
-    tp, tp_model = train_pass(m, S, L, rank, targets)
+    tp, tp_model, tp_frozen = train_pass(m, S, L, rank, targets)
     d = c.distillation_config
     n_steps = len(str(d.dmd_denoising_steps).split(","))
     fake = 2 if float(d.fake_score_guidance_scale) != 0 else 1
@@ -269,6 +306,9 @@ def bench_train(setup: Setup, args, name: str) -> dict:
                     compiled_flops=compiled_flops, peak=args.peak, forwards=round(fw, 3), what=what)
     out.update(lora_rank=rank, optimizer=c.optimizer, trainable_params=_trainable(holder["state"]),
                programs=1 if built.phases is None else 2)
+    if name == "lora_train_step":  # the MFU convention counts weight gradients the frozen base never needs
+        out["frozen_base_flops"] = tp_frozen * b
+        out["mfu_frozen_base"] = tp_frozen * b / out["step_time_s"] / 1e12 / args.peak if args.peak else None
     if name == "lora_train_step" and args.vs_torch:
         args.jax_lora_call = call  # re-timed alternately with the torch step (see `interleaved`)
     return out

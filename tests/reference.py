@@ -90,3 +90,30 @@ def jaxpr_eqns(fn, *args) -> list:
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
+
+
+def dot_flops(fn, *args) -> float:
+    """FLOPs of every product (dot_general: 2 x output size x contracted size) fn's jaxpr runs at args (arrays or
+    ShapeDtypeStructs), a scan's body counted once per iteration. Nested while loops are refused (unknown count)."""
+    import math
+
+    import jax
+
+    total = 0.0
+
+    def walk(jaxpr, times):
+        nonlocal total
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "while":
+                raise ValueError("dot_flops: a while loop's trip count is unknown")
+            if name == "dot_general":
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                k = math.prod(eqn.invars[0].aval.shape[i] for i in contract)
+                total += times * 2 * math.prod(eqn.outvars[0].aval.shape) * k
+            inner = times * (eqn.params["length"] if name == "scan" else 1)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub, inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+    return total

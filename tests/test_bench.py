@@ -133,3 +133,51 @@ def test_memory_report_sharding_divides_arguments():
     ratio = eight["per_device"]["argument_bytes"] / one["per_device"]["argument_bytes"]
     assert 1 / 8 <= ratio < 0.16, ratio
     assert eight["analytic"]["base_bytes"] < one["analytic"]["base_bytes"] / 6
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "attention"])
+def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat):
+    """bench's FLOP formulas (behind its TFLOP/s and MFU) against the products in the jaxprs it times: the forward
+    exactly; the LoRA step (AdamW, LoRA on attn1 / attn2 q, k, v, out) exactly = forward + the frozen-base backward
+    (`frozen_base_flops`) + what this implementation recomputes: the `cpu` attention kernel's backward recomputes its
+    scores (Q K^T), and remat runs the blocks' forward again (the part its policy does not keep). Row sums as plain
+    reductions (on CPU they are dots, `row_sum_dot`, which are not matrix products of the model)."""
+    import jax
+    import jax.numpy as jnp
+
+    import reference as ref
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+    from memory_report import build_method, latent_shape, model_presets, tokens_of
+
+    import wanjax
+    from wanjax.models import transformer
+
+    monkeypatch.setattr(transformer, "_row_sum", transformer.row_sum_plain)
+    # width != text_dim != ffn, S != L, so a misplaced factor shows
+    model = model_presets()["tiny"].replace(remat_policy=remat, attention="cpu", text_dim=40, ffn_dim=56)
+    shape = latent_shape(model, *bench.SHAPES["tiny"], 1)
+    S, L = tokens_of(model, shape), 24
+    base = wanjax.param_shapes(model)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    ctx = jax.ShapeDtypeStruct((1, L, model.text_dim), jnp.float32)
+    fwd = ref.dot_flops(lambda p, x, c: wanjax.transformer_forward(model, p, x, jnp.ones((1,)), c), base, x, ctx)
+    assert fwd == bench.forward_flops(model, S, L)
+
+    built, c = build_method("lora", model, base, {"empty": jnp.zeros((L, model.text_dim))},
+                            {"optimizer": "adamw", "grad_clip_method": "none", "use_ema": False})
+    rank, targets = int(c.lora_rank), tuple(built.meta["lora"]["targets"])
+    assert len(targets) == 8 and rank > 0
+    state = jax.eval_shape(built.init_state, jax.random.key(0))
+    step = ref.dot_flops(built.step, state, built.frozen, {"latents": x, "prompt_embeds": ctx})
+    executed, conventional, frozen = bench.train_pass(model, S, L, rank, targets)
+    D, F = model.inner_dim, model.ffn_dim
+    scores = model.num_layers * (2 * S * S + 2 * S * L) * D  # Q K^T again in the kernel's backward
+    # remat: each block's forward again but its last product (FFN out: the block's output is the next one's input,
+    # kept), and under "attention" but the attention cores (their outputs and statistics are kept)
+    again = {"none": 0, "full": model.num_layers * (bench.block_flops(model, S, L, rank, targets) - 2 * S * F * D),
+             "attention": model.num_layers * (bench.block_flops(model, S, L, rank, targets) - 2 * S * F * D)
+             - bench.attention_core_flops(model, S, L)}[remat]
+    assert step == frozen + scores + again
+    assert executed == conventional + again and frozen < conventional
