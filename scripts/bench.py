@@ -26,7 +26,8 @@ call right after an untimed one of its own; the reported `ratio_torch_over_jax` 
 > 1: JAX faster).
 With `forward` benchmarked too, the same model's forward with its adapter disabled (no grad) is compared the
 same way (`torch_forward`, `forward_ratio_torch_over_jax`). JAX's GPU memory preallocation is turned off for
---vs-torch (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that torch in the same process gets memory.
+--vs-torch (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that torch in the same process gets memory; JAX's
+pool may take --gpu-memory-fraction of the GPU (default 0.95, as the trainer; JAX's own 0.75 is too little for 14B DMD).
 Each: compile time, median step time over --steps calls after --warmup (jax.block_until_ready), tokens/s, analytic
 TFLOP/s, XLA's compiled cost-analysis FLOPs, MFU / HFU against --peak-tflops (default: a table by device kind,
 bf16 dense; none on CPU), and the device's peak_bytes_in_use so far (GPU/TPU; null on CPU).
@@ -547,11 +548,16 @@ def parse_args(argv=None):
     ap.add_argument("--bench", default=",".join(DEFAULT_BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by device kind)")
     ap.add_argument("--vs-torch", action="store_true", help="also time diffusers + peft's LoRA step (torch)")
+    ap.add_argument("--gpu-memory-fraction", type=float, default=0.95,
+                    help="JAX's GPU memory pool, as the trainer's config.gpu_memory_fraction (JAX's default 0.75 "
+                         "holds too little for 14B DMD); XLA_CLIENT_MEM_FRACTION in the environment wins")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads for --vs-torch (0: torch's default, one per core). On a loaded "
                          "host torch's CPU threads can stall (observed: 20x slower with 2 threads than 1)")
     args = ap.parse_args(argv)
     args.benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+    if not 0.0 < args.gpu_memory_fraction <= 1.0:
+        ap.error(f"--gpu-memory-fraction={args.gpu_memory_fraction}: expected a fraction of the GPU's memory in (0, 1]")
     bad = [b for b in args.benches if b not in BENCHMARKS]
     if bad:
         ap.error(f"unknown benchmarks {bad}; expected {BENCHMARKS}")
@@ -562,6 +568,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.vs_torch:  # before jax starts: its default 75% GPU preallocation would starve torch in this process
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from wanjax.sharding import set_gpu_memory_fraction
+
+    memory_fraction = set_gpu_memory_fraction(args.gpu_memory_fraction, "--gpu-memory-fraction")  # as the trainer
     import jax
 
     dev = jax.devices()[0]
@@ -582,7 +591,7 @@ def main(argv=None) -> int:
         "jax_version": jax.__version__, "python": platform.python_version(),
         "model": args.model, "dtype": args.dtype, "remat": args.remat, "batch": args.batch, "text_len": args.text_len,
         "clip": {"frames": args.frames, "height": args.height, "width": args.width},
-        "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak,
+        "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak, "gpu_memory_fraction": memory_fraction,
         "flops_note": "analytic; train pass = 3 forwards + 1 with remat; see scripts/bench.py docstring",
         "benchmarks": {},
     }
