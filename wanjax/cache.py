@@ -543,9 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         return parsed
     config, _ = parsed
     cli.setup_logging()
-    from wanjax.sharding import maybe_initialize_distributed
-
-    maybe_initialize_distributed()
+    if (code := cli.start_jax(config)) is not None:
+        return code
     import jax
 
     try:

@@ -47,3 +47,18 @@ def explain_flag_error(e: Exception) -> str:
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / grain narrate every file operation at INFO
+
+
+def start_jax(config) -> int | None:
+    """What a job does before JAX starts a backend: size the GPU memory pool (`config.gpu_memory_fraction`), then
+    join a multi-process run if the environment asks for one. Returns an exit code (2) if the config is refused."""
+    from wanjax.sharding import maybe_initialize_distributed, set_gpu_memory_fraction
+
+    try:
+        in_effect = set_gpu_memory_fraction(config.gpu_memory_fraction)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger("wanjax").info("GPU memory pool: %s of each GPU", in_effect)
+    maybe_initialize_distributed()
+    return None

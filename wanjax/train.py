@@ -407,15 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(config.to_json_best_effort(indent=2, sort_keys=True))
         return 0
     cli.setup_logging()
-    from wanjax.sharding import maybe_initialize_distributed, set_gpu_memory_fraction
-
-    try:
-        in_effect = set_gpu_memory_fraction(config.gpu_memory_fraction)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logger.info("GPU memory pool: %s of each GPU", in_effect)
-    maybe_initialize_distributed()
+    if (code := cli.start_jax(config)) is not None:
+        return code
     try:
         summary = run(config)
     except ConfigError as e:
