@@ -79,6 +79,7 @@ def rel_err(a, b) -> float:
 def jaxpr_eqns(fn, *args) -> list:
     """Every equation of fn's jaxpr at args, nested ones included (scan, remat, custom_vjp rules, vmap'd kernels)."""
     import jax
+    import jax.extend
 
     found = []
 
@@ -94,15 +95,15 @@ def jaxpr_eqns(fn, *args) -> list:
 
 def dot_flops(fn, *args) -> float:
     """FLOPs of every product (dot_general: 2 x output size x contracted size) fn's jaxpr runs at args (arrays or
-    ShapeDtypeStructs), a scan's body counted once per iteration. Nested while loops are refused (unknown count)."""
+    ShapeDtypeStructs), a scan's body counted once per iteration, a cond's branches once if they hold the same
+    products. Refused (ValueError): while loops (unknown trip count) and conds whose branches' products differ."""
     import math
 
     import jax
+    import jax.extend
 
-    total = 0.0
-
-    def walk(jaxpr, times):
-        nonlocal total
+    def walk(jaxpr) -> float:
+        total = 0.0
         for eqn in jaxpr.eqns:
             name = eqn.primitive.name
             if name == "while":
@@ -110,10 +111,14 @@ def dot_flops(fn, *args) -> float:
             if name == "dot_general":
                 (contract, _), _ = eqn.params["dimension_numbers"]
                 k = math.prod(eqn.invars[0].aval.shape[i] for i in contract)
-                total += times * 2 * math.prod(eqn.outvars[0].aval.shape) * k
-            inner = times * (eqn.params["length"] if name == "scan" else 1)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub, inner)
+                total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
+            subs = [walk(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+            if name == "cond":
+                if len(set(subs)) > 1:
+                    raise ValueError(f"dot_flops: a cond's branches run different products: {subs}")
+                total += subs[0]
+            else:
+                total += sum(subs) * (eqn.params["length"] if name == "scan" else 1)
+        return total
 
-    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
-    return total
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)

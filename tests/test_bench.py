@@ -135,6 +135,23 @@ def test_memory_report_sharding_divides_arguments():
     assert eight["analytic"]["base_bytes"] < one["analytic"]["base_bytes"] / 6
 
 
+def test_dot_flops_counts_scan_iterations_and_refuses_what_it_cannot_count():
+    import jax
+    import jax.numpy as jnp
+
+    import reference as ref
+
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    scanned = lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=3)[0]  # noqa: E731
+    assert ref.dot_flops(scanned, x, w) == 3 * 2 * 4 * 8 * 8
+    same = lambda p, x, w: jax.lax.cond(p, lambda: x @ w, lambda: 2 * (x @ w))  # noqa: E731
+    assert ref.dot_flops(same, True, x, w) == 2 * 4 * 8 * 8
+    with pytest.raises(ValueError, match="branches run different products"):
+        ref.dot_flops(lambda p, x, w: jax.lax.cond(p, lambda: x @ w, lambda: x), True, x, w)
+    with pytest.raises(ValueError, match="while loop"):
+        ref.dot_flops(lambda x, w: jax.lax.while_loop(lambda c: c[0, 0] < 9, lambda c: c @ w, x), x, w)
+
+
 @pytest.mark.parametrize("remat", ["none", "full", "attention"])
 def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat):
     """bench's FLOP formulas (behind its TFLOP/s and MFU) against the products in the jaxprs it times: the forward
