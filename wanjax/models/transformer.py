@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from wanjax.models.attention import dot_product_attention, saves_attention_kernels
 from wanjax import weights
+from wanjax.models.attention import dot_product_attention, saves_attention_kernels
 from wanjax.models.config import WanConfig
 from wanjax.sharding import constrain_tokens, context_size
 
