@@ -550,7 +550,7 @@ def parse_args(argv=None):
     ap.add_argument("--vs-torch", action="store_true", help="also time diffusers + peft's LoRA step (torch)")
     ap.add_argument("--gpu-memory-fraction", type=float, default=0.95,
                     help="JAX's GPU memory pool, as the trainer's config.gpu_memory_fraction (JAX's default 0.75 "
-                         "holds too little for 14B DMD); XLA_CLIENT_MEM_FRACTION in the environment wins")
+                         "holds too little for 14B DMD); XLA_(PYTHON_)CLIENT_MEM_FRACTION in the environment wins")
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads for --vs-torch (0: torch's default, one per core). On a loaded "
                          "host torch's CPU threads can stall (observed: 20x slower with 2 threads than 1)")

@@ -165,18 +165,18 @@ def test_unknown_config_key_refused(assets, tmp_path, capsys):
 
 
 def test_gpu_memory_fraction_set_for_jax_unless_the_environment_has_one(monkeypatch):
-    """config.gpu_memory_fraction becomes XLA_CLIENT_MEM_FRACTION (JAX's GPU pool; its default 0.75 holds 59.7 GiB
-    of an 80 GB H100, less than 14B DMD needs); a fraction in the environment, under either of JAX's names, is kept
-    (setting the other too would make JAX refuse to start)."""
+    """config.gpu_memory_fraction becomes XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's GPU pool; its default 0.75 holds
+    59.7 GiB of an 80 GB H100, less than 14B DMD needs); a fraction in the environment, under either of JAX's names,
+    is kept (setting the other too would make JAX refuse to start)."""
     from wanjax.sharding import set_gpu_memory_fraction
 
     for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
         monkeypatch.delenv(name, raising=False)
-    assert set_gpu_memory_fraction(0.95) == "0.95" and os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.95"
-    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION")
-    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
-    assert set_gpu_memory_fraction(0.95) == "0.5 (from XLA_PYTHON_CLIENT_MEM_FRACTION)"
-    assert "XLA_CLIENT_MEM_FRACTION" not in os.environ
+    assert set_gpu_memory_fraction(0.95) == "0.95" and os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.5")
+    assert set_gpu_memory_fraction(0.95) == "0.5 (from XLA_CLIENT_MEM_FRACTION)"
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
     for bad in (0, 1.5, -0.1):
         with pytest.raises(ValueError, match=rf"gpu_memory_fraction={float(bad)}: expected a fraction .* \(0, 1\]"):
             set_gpu_memory_fraction(bad)
@@ -187,7 +187,7 @@ def test_bad_gpu_memory_fraction_refused(assets, tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     rc = main(["train", *cli_args(assets, tmp_path / "x"), "--config.gpu_memory_fraction=1.5"])
     assert rc == 2 and "gpu_memory_fraction=1.5: expected a fraction" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists() and "XLA_CLIENT_MEM_FRACTION" not in os.environ
+    assert not (tmp_path / "x").exists() and "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ
 
 
 def test_missing_model_path_refused(assets, tmp_path):

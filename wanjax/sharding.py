@@ -250,16 +250,18 @@ def maybe_initialize_distributed() -> bool:
     return False
 
 
-MEM_FRACTION_ENV = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # the second: JAX's older name
+# JAX's names for its GPU pool's fraction: the newer, and the older one, which every JAX from 0.4 to 0.12 reads (the
+# newer one is recent), so that is the one set here; setting both makes JAX refuse to start
+MEM_FRACTION_ENV = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
 def set_gpu_memory_fraction(fraction: float, what: str = "gpu_memory_fraction") -> str:
     """Let JAX's GPU memory pool take `fraction` of each GPU's memory; returns the value in effect, as text.
 
     JAX's default pool is 75% of the GPU (59.7 GiB of an 80 GB H100: 81559 MiB), too little for what fits an 80 GB
-    GPU otherwise (14B DMD with LoRA: ~69 GiB per program). Sets XLA_CLIENT_MEM_FRACTION, which the GPU backend reads
-    when it starts, so call this before any JAX computation; a fraction already in the environment (under either of
-    JAX's names) is kept. No effect on CPU or TPU."""
+    GPU otherwise (14B DMD with LoRA: ~69 GiB per program). Sets XLA_PYTHON_CLIENT_MEM_FRACTION, which the GPU backend
+    reads when it starts, so call this before any JAX computation; a fraction already in the environment (under either
+    of JAX's names) is kept. No effect on CPU or TPU."""
     import os
 
     fraction = float(fraction)
@@ -268,5 +270,5 @@ def set_gpu_memory_fraction(fraction: float, what: str = "gpu_memory_fraction") 
     for name in MEM_FRACTION_ENV:
         if os.environ.get(name):
             return f"{os.environ[name]} (from {name})"
-    os.environ[MEM_FRACTION_ENV[0]] = f"{fraction:g}"
+    os.environ[MEM_FRACTION_ENV[1]] = f"{fraction:g}"
     return f"{fraction:g}"
