@@ -47,8 +47,10 @@ FLOPs (analytic, per sample; S video tokens, L text tokens, D width, F FFN width
   steps        lora = 1 train pass; dmd generator = (n-1) rollout + train pass (student) + fake score (1, or 2
                with fake CFG) + teacher CFG (2) + train pass (critic); dmd critic = (n-1) + 1 + train pass;
                dcm = teacher CFG (2) + target (1) + train pass; sample step = 2 forwards; forward = 1
-  tflops uses every FLOP executed (remat included: hardware FLOPs); model_tflops / mfu leave remat's recompute
-  out; hfu counts it. XLA's cost analysis is printed beside it (it may count a scanned layer loop's body once).
+  tflops / hfu count the convention's train pass plus remat's recompute; model_tflops / mfu leave the recompute
+  out. XLA's cost analysis is printed beside it (it may count a scanned layer loop's body once). These formulas
+  are checked against the products in the jaxprs (tests/test_bench.py): the forward exactly, and the LoRA step as
+  forward + frozen-base backward + the recompute (remat's, and the `cpu` kernel's scores), exactly.
 """
 
 from __future__ import annotations
