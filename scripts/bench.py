@@ -105,6 +105,8 @@ def _lora_layers(model, tokens: int, text_len: int, targets: tuple[str, ...]):
     """(n, d_in, d_out, on_video) of each adapted layer in a block: n rows (S video or L text tokens)."""
     S, L, D, F = tokens, text_len, model.inner_dim, model.ffn_dim
     for t in targets:
+        if t not in _SEQ and t.split(".")[0] != "attn1":
+            raise ValueError(f"bench's FLOP formulas cover LoRA on the blocks' attention and FFN layers, not {t!r}")
         video = _SEQ.get(t, _SEQ.get(t.split(".")[0], "S")) == "S"
         d_in, d_out = (D, F) if t == "ffn.net.0.proj" else (F, D) if t == "ffn.net.2" else (D, D)
         yield (S if video else L), d_in, d_out, video

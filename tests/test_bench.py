@@ -152,13 +152,16 @@ def test_dot_flops_counts_scan_iterations_and_refuses_what_it_cannot_count():
         ref.dot_flops(lambda x, w: jax.lax.while_loop(lambda c: c[0, 0] < 9, lambda c: c @ w, x), x, w)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "attention"])
-def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat):
+@pytest.mark.parametrize("remat, targets", [("none", "to_q,to_k,to_v,to_out.0"), ("full", "to_q,to_k,to_v,to_out.0"),
+                                            ("attention", "to_q,to_k,to_v,to_out.0"),
+                                            ("full", "attn1.to_q,attn2.to_v,ffn.net.0.proj,ffn.net.2")])
+def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat, targets):
     """bench's FLOP formulas (behind its TFLOP/s and MFU) against the products in the jaxprs it times: the forward
-    exactly; the LoRA step (AdamW, LoRA on attn1 / attn2 q, k, v, out) exactly = forward + the frozen-base backward
-    (`frozen_base_flops`) + what this implementation recomputes: the `cpu` attention kernel's backward recomputes its
-    scores (Q K^T), and remat runs the blocks' forward again (the part its policy does not keep). Row sums as plain
-    reductions (on CPU they are dots, `row_sum_dot`, which are not matrix products of the model)."""
+    exactly; the LoRA step (AdamW; LoRA on attn1 / attn2 q, k, v, out, or on some of them and the FFN) exactly =
+    forward + the frozen-base backward (`frozen_base_flops`) + what this implementation recomputes: the `cpu`
+    attention kernel's backward recomputes its scores (Q K^T), and remat runs the blocks' forward again (the part its
+    policy does not keep). Row sums as plain reductions (on CPU they are dots, `row_sum_dot`, which are not matrix
+    products of the model). Targets outside the blocks are refused, not miscounted."""
     import jax
     import jax.numpy as jnp
 
@@ -181,11 +184,14 @@ def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat):
     ctx = jax.ShapeDtypeStruct((1, L, model.text_dim), jnp.float32)
     fwd = ref.dot_flops(lambda p, x, c: wanjax.transformer_forward(model, p, x, jnp.ones((1,)), c), base, x, ctx)
     assert fwd == bench.forward_flops(model, S, L)
+    with pytest.raises(ValueError, match="not 'proj_out'"):
+        bench.forward_flops(model, S, L, 4, ("attn1.to_q", "proj_out"))
 
     built, c = build_method("lora", model, base, {"empty": jnp.zeros((L, model.text_dim))},
-                            {"optimizer": "adamw", "grad_clip_method": "none", "use_ema": False})
+                            {"optimizer": "adamw", "grad_clip_method": "none", "use_ema": False,
+                             "lora_target_modules": targets})
     rank, targets = int(c.lora_rank), tuple(built.meta["lora"]["targets"])
-    assert len(targets) == 8 and rank > 0
+    assert len(targets) in (4, 8) and rank > 0
     state = jax.eval_shape(built.init_state, jax.random.key(0))
     step = ref.dot_flops(built.step, state, built.frozen, {"latents": x, "prompt_embeds": ctx})
     executed, conventional, frozen = bench.train_pass(model, S, L, rank, targets)
@@ -193,8 +199,8 @@ def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat):
     scores = model.num_layers * (2 * S * S + 2 * S * L) * D  # Q K^T again in the kernel's backward
     # remat: each block's forward again but its last product (FFN out: the block's output is the next one's input,
     # kept), and under "attention" but the attention cores (their outputs and statistics are kept)
-    again = {"none": 0, "full": model.num_layers * (bench.block_flops(model, S, L, rank, targets) - 2 * S * F * D),
-             "attention": model.num_layers * (bench.block_flops(model, S, L, rank, targets) - 2 * S * F * D)
-             - bench.attention_core_flops(model, S, L)}[remat]
+    last = 2 * S * F * D + (2 * S * rank * D if "ffn.net.2" in targets else 0)  # with its adapter's B product
+    blocks = model.num_layers * (bench.block_flops(model, S, L, rank, targets) - last)
+    again = {"none": 0, "full": blocks, "attention": blocks - bench.attention_core_flops(model, S, L)}[remat]
     assert step == frozen + scores + again
     assert executed == conventional + again and frozen < conventional
