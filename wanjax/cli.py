@@ -59,6 +59,6 @@ def start_jax(config) -> int | None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.getLogger("wanjax").info("GPU memory pool: %s of each GPU", in_effect)
+    logging.getLogger("wanjax").info("GPU memory pool (GPU backends only): %s of each GPU", in_effect)
     maybe_initialize_distributed()
     return None
