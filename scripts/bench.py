@@ -28,6 +28,10 @@ With `forward` benchmarked too, the same model's forward with its adapter disabl
 same way (`torch_forward`, `forward_ratio_torch_over_jax`). JAX's GPU memory preallocation is turned off for
 --vs-torch (XLA_PYTHON_CLIENT_PREALLOCATE=false unless set), so that torch in the same process gets memory; JAX's
 pool may take --gpu-memory-fraction of the GPU (default 0.95, as the trainer; JAX's own 0.75 is too little for 14B DMD).
+--profile DIR: after the timings, each benchmark's step is traced (--profile-steps calls; jax.profiler, the trace in
+DIR/NAME for TensorBoard / Perfetto) and its report gets `profile`: per process (host; a GPU's kernels) the top ops
+by time per step (scripts/profile_summary.py); with --vs-torch torch's step and forward get the same from
+torch.profiler. Where a step below its target spends its time, from the same run.
 Each: compile time, median step time over --steps calls after --warmup (jax.block_until_ready), tokens/s, analytic
 TFLOP/s, XLA's compiled cost-analysis FLOPs, MFU / HFU against --peak-tflops (default: a table by device kind,
 bf16 dense; none on CPU), and the device's peak_bytes_in_use so far (GPU/TPU; null on CPU).
@@ -71,9 +75,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# bf16 dense peak TFLOP/s by device kind (substring of jax's device_kind, lower case; first match wins)
+# bf16 dense peak TFLOP/s by device kind (substring of jax's device_kind, lower case; first match wins): NVIDIA's
+# data sheets (H100 SXM "NVIDIA H100 80GB HBM3" 989, PCIe 756, NVL 835), Google's TPU pages
 PEAK_TFLOPS = (
-    ("h100", 989.0), ("h200", 989.0), ("gh200", 989.0), ("a100", 312.0),
+    ("h100 pcie", 756.0), ("h100 nvl", 835.0), ("h100", 989.0), ("h800", 989.0), ("h200", 989.0), ("b200", 2250.0),
+    ("a100", 312.0),
     ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0), ("v5", 459.0),
     ("v6 lite", 918.0), ("v6e", 918.0), ("v4", 275.0),
 )
@@ -314,8 +320,7 @@ def bench_train(setup: Setup, args, name: str) -> dict:
     if name == "lora_train_step":  # the MFU convention counts weight gradients the frozen base never needs
         out["frozen_base_flops"] = tp_frozen * b
         out["mfu_frozen_base"] = tp_frozen * b / out["step_time_s"] / 1e12 / args.peak if args.peak else None
-    if name == "lora_train_step" and args.vs_torch:
-        args.jax_lora_call = call  # re-timed alternately with the torch step (see `interleaved`)
+    args.calls[name] = call  # for --profile, and re-timed alternately with torch's step (`interleaved`)
     return out
 
 
@@ -389,7 +394,11 @@ def bench_sample(setup: Setup, args) -> dict:
         def run():
             return compiled(setup.base, setup.latents, setup.prompt, neg)
 
-    times = time_calls(lambda: jax.block_until_ready(run()), args.steps, args.warmup)
+    def call():
+        jax.block_until_ready(run())
+
+    times = time_calls(call, args.steps, args.warmup)
+    args.calls["sample_step"] = call  # for --profile
     flops = 2 * forward_flops(setup.model, setup.tokens, setup.text_len) * setup.batch
     return summarise(times, compile_s=compile_s, tokens=setup.tokens, batch=setup.batch, flops=flops,
                      model_flops=flops, compiled_flops=compiled_flops, peak=args.peak, forwards=2, what=what)
@@ -418,8 +427,7 @@ def bench_forward(setup: Setup, args) -> dict:
     out = summarise(times, compile_s=compile_s, tokens=setup.tokens, batch=setup.batch, flops=flops,
                     model_flops=flops, compiled_flops=cost_flops(compiled), peak=args.peak, forwards=1,
                     what=f"transformer_forward of the base model, batch {setup.batch}")
-    if args.vs_torch:
-        args.jax_forward_call = call  # re-timed alternately with torch's forward (see `interleaved`)
+    args.calls["forward"] = call  # for --profile, and re-timed alternately with torch's forward (`interleaved`)
     return out
 
 
@@ -529,6 +537,14 @@ def interleaved(jax_call, torch_step, steps: int) -> dict:
             "torch_step_times_s": [round(x, 6) for x in tt], "ratio_torch_over_jax": t / j}
 
 
+def _guarded(fn, *a) -> dict:
+    """A profile, or the error that stopped it: profiling must not lose the timings already taken."""
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
 # -------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -555,11 +571,16 @@ def parse_args(argv=None):
     ap.add_argument("--gpu-memory-fraction", type=float, default=0.95,
                     help="JAX's GPU memory pool, as the trainer's config.gpu_memory_fraction (JAX's default 0.75 "
                          "holds too little for 14B DMD); XLA_(PYTHON_)CLIENT_MEM_FRACTION in the environment wins")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after timing, trace --profile-steps calls of each benchmark (jax.profiler, traces in "
+                         "DIR/NAME; torch.profiler with --vs-torch) and report each one's top ops (`profile`)")
+    ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=0,
                     help="torch.set_num_threads for --vs-torch (0: torch's default, one per core). On a loaded "
                          "host torch's CPU threads can stall (observed: 20x slower with 2 threads than 1)")
     args = ap.parse_args(argv)
     args.benches = [b.strip() for b in args.bench.split(",") if b.strip()]
+    args.calls = {}  # benchmark name -> its blocking call, set by the bench_* functions
     bad = [b for b in args.benches if b not in BENCHMARKS]
     if bad:
         ap.error(f"unknown benchmarks {bad}; expected {BENCHMARKS}")
@@ -614,6 +635,9 @@ def main(argv=None) -> int:
                   config={"num_layers": m.num_layers, "inner_dim": m.inner_dim, "heads": m.num_attention_heads,
                           "ffn_dim": m.ffn_dim, "text_dim": m.text_dim,
                           "attention": resolve_attention_impl(m.attention, setup.dtype, m.attention_head_dim)})
+    from profile_summary import jax_profile, torch_profile
+
+    kept = {}
     for name in args.benches:
         log(f"{name} ...")
         try:
@@ -622,7 +646,14 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - one failure must not stop the other benchmarks
             result = {"error": f"{type(e).__name__}: {e}"[:2000]}
         log(f"{name}: {result.get('step_time_s', result.get('error'))}")
+        call = args.calls.pop(name, None)
+        if args.profile and call is not None:
+            log(f"{name}: profiling {args.profile_steps} calls ...")
+            result["profile"] = _guarded(jax_profile, call, args.profile_steps, Path(args.profile) / name)
+        if args.vs_torch and name in ("lora_train_step", "forward") and call is not None:
+            kept[name] = call  # re-timed alternately with torch's (see `interleaved`)
         report["benchmarks"][name] = result
+        del call  # the others' programs and state go before the next benchmark
         gc.collect()
     if args.vs_torch:
         log("torch (diffusers + peft) LoRA step ...")
@@ -638,15 +669,18 @@ def main(argv=None) -> int:
                                                                              targets)
             if jax_lora.get("step_time_s"):
                 result["ratio_torch_over_jax_separate_runs"] = result["step_time_s"] / jax_lora["step_time_s"]
-            jax_call = getattr(args, "jax_lora_call", None)
+            jax_call = kept.get("lora_train_step")
             if jax_call is not None:
                 log("JAX and torch LoRA steps, interleaved ...")
                 result["interleaved"] = interleaved(jax_call, torch_step, args.steps)
                 report["ratio_torch_over_jax"] = result["interleaved"]["ratio_torch_over_jax"]
+            if args.profile:
+                log("torch LoRA step: profiling ...")
+                result["profile"] = _guarded(torch_profile, torch_step, args.profile_steps)
         except Exception as e:  # noqa: BLE001 - torch problems must not lose the JAX numbers
             result = {"error": f"{type(e).__name__}: {e}"[:2000]}
             torch_forward = None
-        jax_forward = getattr(args, "jax_forward_call", None)
+        jax_forward = kept.get("forward")
         if jax_forward is not None and torch_forward is not None:
             log("JAX and torch forwards, interleaved ...")
             try:
@@ -654,6 +688,8 @@ def main(argv=None) -> int:
                 fwd = forward_report(time_calls(torch_forward, args.steps, max(0, args.warmup - 1)))
                 fwd["interleaved"] = interleaved(jax_forward, torch_forward, args.steps)
                 report["forward_ratio_torch_over_jax"] = fwd["interleaved"]["ratio_torch_over_jax"]
+                if args.profile:
+                    fwd["profile"] = _guarded(torch_profile, torch_forward, args.profile_steps)
             except Exception as e:  # noqa: BLE001 - keep the LoRA comparison
                 fwd = {"error": f"{type(e).__name__}: {e}"[:2000]}
             report["torch_forward"] = fwd

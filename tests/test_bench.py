@@ -39,12 +39,24 @@ def _check_bench(report: dict, names: list[str]) -> None:
         assert len(b["step_times_s"]) == report["steps"]
 
 
-def test_bench_tiny_with_torch():
+def test_bench_tiny_with_torch(tmp_path):
     names = ["lora_train_step", "sample_step", "forward"]
     out = _run("bench.py", "--model", "tiny", "--steps", "2", "--warmup", "0", "--text-len", "16", "--bench",
-               ",".join(names), "--vs-torch")
+               ",".join(names), "--vs-torch", "--profile", str(tmp_path / "prof"))
     report = json.loads(out)
     _check_bench(report, names)
+    for name in names:  # --profile: each step traced after its timings, its ops summed per step
+        prof = report["benchmarks"][name]["profile"]
+        assert "error" not in prof, prof
+        assert Path(prof["trace"]).is_relative_to(tmp_path / "prof" / name) and Path(prof["trace"]).is_file()
+        host = prof["processes"][0]
+        assert prof["steps"] == 2 and _positive(host["events_ms_per_step"]) and host["top"]
+        assert all(_positive(op["ms_per_step"]) and not op["name"].startswith("$") for op in host["top"])
+        assert any("fusion" in op["name"] or "dot" in op["name"] for op in host["top"])  # XLA's ops are there
+    for side in ("torch_lora_train_step", "torch_forward"):
+        prof = report[side]["profile"]
+        assert "error" not in prof and prof["time"] == "self CPU time", prof
+        assert any(op["name"].startswith("aten::") and _positive(op["ms_per_step"]) for op in prof["top"])
     assert report["config"]["attention"] == "cpu"  # auto on CPU
     torch_step = report["torch_lora_train_step"]
     assert "error" not in torch_step, torch_step
@@ -204,3 +216,52 @@ def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat, targe
     again = {"none": 0, "full": blocks, "attention": blocks - bench.attention_core_flops(model, S, L)}[remat]
     assert step == frozen + scores + again
     assert executed == conventional + again and frozen < conventional
+
+
+def test_peak_tflops_by_device_kind():
+    """MFU's peak by jax's device_kind: the H100 variants apart (PCIe and NVL are slower than SXM), none on CPU or
+    an unknown kind (MFU is then null, never a guess)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    for kind, peak in (("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+                       ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                       ("TPU v5 lite", 197.0), ("TPU v5p", 459.0), ("TPU v6 lite", 918.0), ("TPU v4", 275.0)):
+        assert bench.peak_tflops_for(kind, "gpu" if "NVIDIA" in kind else "tpu") == peak, kind
+    assert bench.peak_tflops_for("NVIDIA RTX 9999", "gpu") is None
+    assert bench.peak_tflops_for("cpu", "cpu") is None
+
+
+def test_profile_summary_sums_a_trace_per_step(tmp_path):
+    """profile_summary over a known trace: events summed by name per process and divided by the steps, device
+    kernels also by their XLA op, Python frames ("$...") left out; no trace is a clear error."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import profile_summary
+
+    with pytest.raises(FileNotFoundError, match="trace.json.gz"):
+        profile_summary.summarise_jax_trace(tmp_path, steps=2)
+    run = tmp_path / "plugins" / "profile" / "2026_11_22"
+    run.mkdir(parents=True)
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "$bench.py:10 call", "ts": 0, "dur": 9000},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "fusion.1", "ts": 0, "dur": 1000},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "fusion.1", "ts": 5, "dur": 3000},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "sm90_gemm_kernel", "ts": 0, "dur": 6000, "args": {"hlo_op": "dot.3"}},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "sm90_gemm_kernel", "ts": 9, "dur": 2000, "args": {"hlo_op": "dot.4"}},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "flash_fprop", "ts": 20, "dur": 10000, "args": {"hlo_op": "cudnn.1"}},
+        {"ph": "i", "pid": 2, "tid": 7, "name": "marker", "ts": 30},
+    ]
+    with gzip.open(run / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    out = profile_summary.summarise_jax_trace(tmp_path, steps=2, top=2)
+    gpu, host = out["processes"]  # busiest first
+    assert gpu["process"] == "/device:GPU:0" and gpu["events_ms_per_step"] == 9.0
+    assert gpu["top"] == [{"name": "flash_fprop", "ms_per_step": 5.0, "calls_per_step": 0.5},
+                          {"name": "sm90_gemm_kernel", "ms_per_step": 4.0, "calls_per_step": 1.0}]
+    assert gpu["top_hlo_ops"] == [{"hlo_op": "cudnn.1", "ms_per_step": 5.0}, {"hlo_op": "dot.3", "ms_per_step": 3.0}]
+    assert host == {"process": "/host:CPU", "events_ms_per_step": 2.0,
+                    "top": [{"name": "fusion.1", "ms_per_step": 2.0, "calls_per_step": 1.0}]}
