@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from wanjax import weights
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical dimension name -> mesh axes it is split over.
@@ -81,7 +83,7 @@ def param_shardings(shapes: dict, mesh: Mesh) -> dict:
     """NamedShardings for a params tree (of arrays or ShapeDtypeStructs)."""
 
     def one(path, leaf):
-        names = tuple(getattr(k, "key", str(k)) for k in path)
+        names = weights.path_names(path)
         return NamedSharding(mesh, logical_to_spec(param_logical_axes(names, len(leaf.shape)), leaf.shape, mesh))
 
     return jax.tree_util.tree_map_with_path(one, shapes)

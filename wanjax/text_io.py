@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wanjax import safetensors_io as stio
+from wanjax import weights
 from wanjax.models.text_encoder import UMT5Config, init_text_encoder_params, param_shapes, umt5_encode  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -314,10 +315,6 @@ def train_tiny_tokenizer(
 # ---------------------------------------------------------------------------------------------------------
 # Weights: transformers `UMT5EncoderModel` folders <-> wanjax params
 # ---------------------------------------------------------------------------------------------------------
-def _path_of(keys) -> tuple[str, ...]:
-    return tuple(getattr(k, "key", str(k)) for k in keys)
-
-
 def _key_map(config: UMT5Config) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
     """transformers key -> (wanjax param path, layer or None, transpose?), in checkpoint order."""
     out = {EMBED_KEY: (("embed_tokens",), None, False)}
@@ -330,7 +327,7 @@ def _key_map(config: UMT5Config) -> dict[str, tuple[tuple[str, ...], int | None,
 
 def expected_shapes(config: UMT5Config) -> dict[str, tuple[int, ...]]:
     """transformers key -> shape, derived from the module's own params (`jax.eval_shape`)."""
-    shapes = {_path_of(p): tuple(s.shape) for p, s in jax.tree_util.tree_leaves_with_path(param_shapes(config))}
+    shapes = {p: tuple(s.shape) for p, s in weights.leaves_by_path(param_shapes(config)).items()}
     out = {}
     for key, (path, layer, transpose) in _key_map(config).items():
         shape = shapes[path][1:] if layer is not None else shapes[path]
@@ -381,7 +378,7 @@ def _materialize(store: stio.TensorStore, config: UMT5Config, names: dict[str, s
         by_path.setdefault(path, []).append((layer, names[key], transpose))
     flat_shard = None
     if shardings is not None:
-        flat_shard = {_path_of(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        flat_shard = weights.leaves_by_path(shardings)
 
     def read(path, layers: slice | None = None) -> np.ndarray:
         entries = by_path[path]
@@ -393,7 +390,7 @@ def _materialize(store: stio.TensorStore, config: UMT5Config, names: dict[str, s
         return np.stack([one(name, t) for _, name, t in chosen])
 
     def load(keys, leaf):
-        path = _path_of(keys)
+        path = weights.path_names(keys)
         if flat_shard is None:
             return jax.device_put(read(path)).block_until_ready()
 
@@ -448,11 +445,11 @@ def save_text_encoder(
     `UMT5EncoderModel.from_pretrained(path)` loads. Streams one layer at a time; returns the files written."""
     if jax.process_index() != 0:
         return []
-    leaves = {_path_of(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    leaves = weights.leaves_by_path(params)
     if any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in leaves.values()):
         raise ValueError("params span several processes: gather or replicate them before save_text_encoder")
     shapes = expected_shapes(config)
-    if set(leaves) != {_path_of(p) for p, _ in jax.tree_util.tree_leaves_with_path(param_shapes(config))}:
+    if set(leaves) != set(weights.leaves_by_path(param_shapes(config))):
         raise ValueError(f"params do not match {config}: got {sorted('/'.join(p) for p in leaves)[:8]} ...")
     keymap = _key_map(config)
     out_dtype = lambda p: np.dtype(leaves[p].dtype if dtype is None else jnp.dtype(dtype))  # noqa: E731

@@ -129,7 +129,7 @@ class ArrayReader:
 
     def __init__(self, config: WanConfig, params: dict, source: str = "params"):
         self.config, self.source = config, source
-        self.leaves = {tuple(getattr(k, "key", str(k)) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+        self.leaves = weights.leaves_by_path(params)
         # params spread over several hosts: every process must join each gather, process 0 writes
         self.collective = any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in self.leaves.values())
         expected = _shapes(config)
@@ -247,10 +247,10 @@ def materialize(reader: ParamReader, *, dtype=jnp.bfloat16, shardings=None) -> d
     shapes = param_shapes(reader.config)
     flat_shard = None
     if shardings is not None:
-        flat_shard = {tuple(getattr(k, "key", str(k)) for k in p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        flat_shard = weights.leaves_by_path(shardings)
 
     def load(path_keys, leaf):
-        path = tuple(getattr(k, "key", str(k)) for k in path_keys)
+        path = weights.path_names(path_keys)
         dt = weights.target_dtype(path, reader.dtype(path), dtype)
         if flat_shard is None:
             # Block per tensor: async transfers would otherwise keep many host buffers alive at once.

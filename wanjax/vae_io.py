@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wanjax import safetensors_io as stio
+from wanjax import weights
 from wanjax.models.vae import VaeConfig, init_vae_params, vae_param_shapes
 from wanjax.transformer_io import DEFAULT_MAX_SHARD_BYTES, DIFFUSERS_STEM, _AtomicDir, _natural_key, _open_store
 
@@ -64,10 +65,6 @@ def to_diffusers_layout(arr: np.ndarray, path: Path_) -> np.ndarray:
     return arr.reshape(diffusers_shape(arr.shape, path))
 
 
-def _flat(tree: dict) -> dict[Path_, object]:
-    return {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _unflat(flat: dict[Path_, object]) -> dict:
     out: dict = {}
     for path, v in flat.items():
@@ -80,7 +77,7 @@ def _unflat(flat: dict[Path_, object]) -> dict:
 
 def diffusers_shapes(config: VaeConfig) -> dict[str, tuple[Path_, tuple[int, ...]]]:
     """{diffusers key: (wanjax path, diffusers shape)} for every param the config has."""
-    return {diffusers_key(p): (p, diffusers_shape(s.shape, p)) for p, s in _flat(vae_param_shapes(config)).items()}
+    return {diffusers_key(p): (p, diffusers_shape(s.shape, p)) for p, s in weights.leaves_by_path(vae_param_shapes(config)).items()}
 
 
 def _describe(keys: list[str], expected: dict | None = None) -> str:
@@ -140,7 +137,7 @@ def save_vae(
     `AutoencoderKLWan.from_pretrained(path)` loads; the folder appears only once complete."""
     if jax.process_index() != 0:
         return
-    leaves, expected = _flat(params), _flat(vae_param_shapes(config))
+    leaves, expected = weights.leaves_by_path(params), weights.leaves_by_path(vae_param_shapes(config))
     if set(leaves) != set(expected):
         missing = sorted("/".join(p) for p in set(expected) - set(leaves))
         extra = sorted("/".join(p) for p in set(leaves) - set(expected))

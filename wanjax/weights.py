@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -153,6 +154,16 @@ def expected_diffusers_shapes(wanjax_shapes: dict, num_layers: int) -> dict[str,
         else:
             out[wanjax_to_diffusers(path)] = diffusers_shape(tuple(shape), kind)
     return out
+
+
+def path_names(path) -> tuple[str, ...]:
+    """A jax key path (from `jax.tree_util.*_with_path`) as a params path: ("blocks", "attn1", "to_q", "kernel")."""
+    return tuple(getattr(k, "key", str(k)) for k in path)
+
+
+def leaves_by_path(tree) -> dict[tuple[str, ...], object]:
+    """{params path: leaf} of a pytree of arrays, ShapeDtypeStructs or shardings."""
+    return {path_names(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple[int, ...]]:

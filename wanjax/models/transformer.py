@@ -582,7 +582,7 @@ def param_shapes(config: WanConfig, dtype=None) -> dict:
         return shapes
 
     def leaf(path, s):
-        names = tuple(getattr(k, "key", str(k)) for k in path)
+        names = weights.path_names(path)
         return jax.ShapeDtypeStruct(s.shape, weights.target_dtype(names, s.dtype, dtype))
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
