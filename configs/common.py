@@ -25,9 +25,11 @@ def base_config() -> ConfigDict:
     # -- model -----------------------------------------------------------------------------------------
     c.model_family = "wan"
     c.model_type = "lora"  # "lora" (full fine-tuning is not offered)
+    # where the model is read (wanjax/model_source.py): SimpleTuner's keys and rules
     c.model_flavour = placeholder(str)  # SimpleTuner flavours, e.g. "i2v-14b-2.2-low" picks transformer_2
-    c.pretrained_model_name_or_path = DEFAULT_MODEL
-    c.pretrained_transformer_subfolder = "transformer"
+    c.pretrained_model_name_or_path = placeholder(str)  # the pipeline; None: the flavour's repo, else DEFAULT_MODEL
+    c.pretrained_transformer_model_name_or_path = placeholder(str)  # a fine-tuned transformer; None: the pipeline's
+    c.pretrained_transformer_subfolder = placeholder(str)  # None: the flavour's / "transformer"; "none": no subfolder
     c.mixed_precision = "bf16"  # dtype of the frozen base: bf16 | fp32
     c.model = ConfigDict(dict(attention="auto", remat_policy="full"))  # gradient_checkpointing -> remat
     c.tiny_assets_dir = ""  # tiny variants: build the tiny pipeline + sample cache here when missing
@@ -50,9 +52,9 @@ def base_config() -> ConfigDict:
     c.text_encoder_batch_size = 1
     c.cache_dtype = "bf16"  # bf16 | fp16 | fp32 latents / embeddings on disk
     c.cache_decode_threads = 4
-    c.resolution = placeholder(int)  # defaults for datasets that do not set their own (SimpleTuner's)
-    c.resolution_type = placeholder(str)
-    c.minimum_image_size = placeholder(int)
+    c.resolution = placeholder(float)  # defaults for datasets that do not set their own (SimpleTuner's; pixels, or
+    c.resolution_type = placeholder(str)  # megapixels with resolution_type "area")
+    c.minimum_image_size = placeholder(float)
     c.validation_prompt = placeholder(str)
     c.validation_negative_prompt = placeholder(str)  # also the unconditional prompt of distillation CFG
     c.validation_prompt_library = placeholder(str)  # JSON file {nickname: prompt}
@@ -87,7 +89,7 @@ def base_config() -> ConfigDict:
 
     # -- optimisation ----------------------------------------------------------------------------------
     c.seed = 42
-    c.max_train_steps = 1000
+    c.max_train_steps = 1000  # optimizer steps; or 0 and num_train_epochs > 0 (epochs of the batch plan)
     c.num_train_epochs = 0
     c.learning_rate = 1e-4
     c.optimizer = "adamw_bf16"

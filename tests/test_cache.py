@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from wanjax.cache import CacheConfigError, CacheError, Encoders, build_cache, main
+from wanjax.cache import CacheConfigError, CacheError, Encoders, build_cache, main, pending
 from wanjax.data import records, sources, video
 from wanjax.data.pipeline import make_batch_iterator
 
@@ -296,6 +296,32 @@ def test_resume_after_crash_skips_done_items(one_process, dataset, tmp_path):
     # other settings for the same cache are refused
     with pytest.raises(CacheError, match="other settings.*cache_dtype"):
         build_cache(make_config(dataset, out, cache_shard_size=3, cache_dtype="fp32"), encoders=fake_encoders())
+
+
+def test_pending_says_what_the_trainer_must_cache(tmp_path):
+    """`pending` (the trainer's check before it loads encoders): None for a current cache (bad files skipped last time
+    count as seen); a new file, a changed dataset setting or repeats, or no cache at all need the caching job."""
+    backend = make_dataset(tmp_path / "data")
+    cfg = make_config(backend, tmp_path / "cache")
+    assert pending(cfg) == "no cache yet"
+    build_cache(cfg, encoders=fake_encoders())
+    assert pending(cfg) is None
+    write_video(tmp_path / "data" / "clips" / "new.mp4", 48, 32, 9, seed=3)
+    (tmp_path / "data" / "clips" / "new.txt").write_text("a new clip")
+    assert pending(cfg) == "1 files not cached yet (e.g. clips/new.mp4)"
+    assert build_cache(cfg, encoders=fake_encoders()).encoded_here == 1 and pending(cfg) is None
+    lists = json.loads(backend.read_text())
+    for change, why in (({"repeats": 3}, "repeats of datasets ['clips'] changed"),
+                        ({"resolution": 48}, "datasets ['clips'] are new or their settings changed"),
+                        ({"id": "renamed"}, "datasets ['renamed'] are new or their settings changed")):
+        changed = [dict(lists[0], **change), *lists[1:]]
+        (tmp_path / "changed.json").write_text(json.dumps(changed))
+        assert pending(make_config(tmp_path / "changed.json", tmp_path / "cache")) == why
+    (tmp_path / "fewer.json").write_text(json.dumps(lists[:1]))  # a dataset dropped: its records stay (stale)
+    assert pending(make_config(tmp_path / "fewer.json", tmp_path / "cache")) is None
+    assert "cache_dtype bf16 -> fp32" in pending(make_config(backend, tmp_path / "cache", cache_dtype="fp32"))
+    (tmp_path / "cache" / "progress" / "settings.json").unlink()  # not made by the caching job: used as it is
+    assert pending(cfg) is None
 
 
 def test_sequential_process_shares_then_merge(dataset, tmp_path):

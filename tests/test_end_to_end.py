@@ -23,7 +23,7 @@ def _write_clip(path, w, h, frames):
             container.mux(packet)
 
 
-def test_folder_with_bad_files_caches_good_ones_reports_bad_and_trains(assets, tmp_path):  # noqa: F811
+def test_folder_with_bad_files_caches_good_ones_reports_bad_and_trains(assets, tmp_path, caplog):  # noqa: F811
     data = tmp_path / "data"
     shutil.copytree(assets / "videos" / "clips", data)  # 16 good clips, two sizes, with captions
     (data / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video" * 10)
@@ -50,3 +50,25 @@ def test_folder_with_bad_files_caches_good_ones_reports_bad_and_trains(assets, t
     assert reasons == {"corrupt.mp4": "unreadable", "short.mp4": "too_short", "nocaption.mp4": "missing_caption"}
     assert report["cached"] == 16 and "3 skipped" in report["summary"]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
+
+    # the next start: nothing new, so the encoders are not loaded and the cache is untouched; then a new clip is
+    # cached at start (the trainer checks the dataset list against the cache, as SimpleTuner does at each start)
+    import wanjax.cache as cache_lib
+
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    loads = []
+    real_load = cache_lib.load_encoders
+    cache_lib.load_encoders = lambda *a, **k: loads.append(1) or real_load(*a, **k)
+    try:
+        c.max_train_steps = 3
+        assert run(c)["steps"] == 3 and not loads
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == before
+        _write_clip(data / "new.mp4", 48, 32, 9)
+        (data / "new.txt").write_text("a new clip")
+        c.max_train_steps = 4
+        assert run(c)["steps"] == 4 and loads == [1]
+    finally:
+        cache_lib.load_encoders = real_load
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["items"] == 17
+    # the saved data position belongs to the old batch plan: weights and optimizer resume, the data order restarts
+    assert "the data changed since checkpoint 3" in caplog.text and "items: saved 16, now 17" in caplog.text

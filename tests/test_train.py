@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,6 +133,8 @@ def _env(devices, **extra):
 
 
 def test_one_device_eight_devices_two_processes_agree(assets, tmp_path):
+    """Same losses and LoRA on 1 device, 8 devices (data x fsdp) and 2 processes x 2 devices with `fsdp` across the
+    processes (the LoRA sharded over hosts: the export gathers it)."""
     common = dict(max_train_steps=3, train_batch_size=8, checkpoint_step_interval=0, gradient_accumulation_steps=2)
     # 8 simulated devices in this process, mesh data x fsdp
     run(tiny_config(assets, tmp_path / "eight", **{"mesh.data": 2, "mesh.fsdp": 4}, **common))
@@ -143,7 +146,7 @@ def test_one_device_eight_devices_two_processes_agree(assets, tmp_path):
     port = _free_port()
     procs = [
         subprocess.Popen([sys.executable, "-m", "wanjax.train", *cli_args(assets, tmp_path / "two", **common,
-                          **{"mesh.data": 2, "mesh.fsdp": 2})],
+                          **{"mesh.data": 1, "mesh.fsdp": 4})],
                          env=_env(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                   JAX_PROCESS_ID=str(i)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -155,6 +158,9 @@ def test_one_device_eight_devices_two_processes_agree(assets, tmp_path):
     assert len(one) == len(eight) == len(two) == 3
     np.testing.assert_allclose(eight, one, rtol=1e-4)
     np.testing.assert_allclose(two, one, rtol=1e-4)
+    exported = {d: lora_lib.load_lora(tmp_path / d / "pytorch_lora_weights.safetensors") for d in ("one", "two")}
+    for a, b in zip(jax.tree_util.tree_leaves(exported["one"].params), jax.tree_util.tree_leaves(exported["two"].params)):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
 
 
 # -- bad input, refused before compute ---------------------------------------------------------------------
@@ -194,6 +200,52 @@ def test_missing_model_path_refused(assets, tmp_path):
     with pytest.raises(ConfigError, match="pretrained_model_name_or_path=.*no-such-dir"):
         run(tiny_config(assets, tmp_path / "x", pretrained_model_name_or_path=str(tmp_path / "no-such-dir")))
     assert not (tmp_path / "x").exists()
+
+
+def test_num_train_epochs_sets_the_run_length(assets, tmp_path):
+    """SimpleTuner's num_train_epochs (with max_train_steps 0): epochs of the batch plan, one optimizer step per
+    global batch; the LR schedule gets the same length; the run stops there. Both or neither set: refused."""
+    from wanjax.train import resolve
+
+    r = resolve(tiny_config(assets, tmp_path / "x", max_train_steps=0, num_train_epochs=2))
+    per_epoch = r.iterator.batches_per_epoch
+    assert per_epoch > 0 and r.max_train_steps == 2 * per_epoch and r.optim.max_train_steps == 2 * per_epoch
+    summary = run(tiny_config(assets, tmp_path / "run", max_train_steps=0, num_train_epochs=1,
+                              checkpoint_step_interval=0))
+    assert summary["steps"] == per_epoch and len(losses(tmp_path / "run")) == per_epoch
+    for steps, epochs in ((10, 2), (0, 0), (-1, 0)):
+        with pytest.raises(ConfigError, match=f"max_train_steps={steps}, num_train_epochs={epochs}: set exactly one"):
+            resolve(tiny_config(assets, tmp_path / "x", max_train_steps=steps, num_train_epochs=epochs))
+
+
+def test_lora_target_not_in_this_model_refused_before_compute(assets, tmp_path):
+    """add_k_proj exists only in image-conditioned Wan models: on the tiny T2V model it is refused at resolve."""
+    with pytest.raises(ConfigError, match="lora_target_modules='to_q,add_k_proj': LoRA target 'attn2.add_k_proj' is "
+                                          "not a layer of this model"):
+        run(tiny_config(assets, tmp_path / "x", lora_target_modules="to_q,add_k_proj"))
+    with pytest.raises(ConfigError, match="lora_rank=0: expected >= 1"):
+        run(tiny_config(assets, tmp_path / "x", lora_rank=0))
+    assert not (tmp_path / "x").exists()
+
+
+def test_report_to_other_than_wandb_or_none_refused_before_compute(assets, tmp_path):
+    with pytest.raises(ConfigError, match="report_to='tensorboard': expected one of"):
+        run(tiny_config(assets, tmp_path / "x", report_to="tensorboard"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_custom_transformer_beside_the_pipeline(assets, tmp_path):
+    """SimpleTuner's custom fine-tune keys: the transformer from pretrained_transformer_model_name_or_path (subfolder
+    "none": the path is the transformer folder), VAE / text encoder / validation from the pipeline."""
+    from wanjax.train import resolve
+
+    ft = assets / "pipeline" / "transformer"
+    r = resolve(tiny_config(assets, tmp_path / "x", pretrained_transformer_model_name_or_path=str(ft),
+                            pretrained_transformer_subfolder="none"))
+    assert r.transformer_path == str(ft) and r.subfolder is None and r.model_path == str(assets / "pipeline")
+    assert r.reader.config.num_layers == tiny.TINY_TRANSFORMER.num_layers
+    with pytest.raises(ConfigError, match="pretrained_transformer_model_name_or_path=.*no-such"):
+        resolve(tiny_config(assets, tmp_path / "x", pretrained_transformer_model_name_or_path=str(tmp_path / "no-such")))
 
 
 def test_cache_with_wrong_channels_refused(assets, tmp_path):
@@ -313,7 +365,7 @@ def test_dmd_from_prompts_alone(assets, tmp_path):
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").exists()
 
     lora = tiny_config(assets, tmp_path / "lora")
-    lora.cache_dir = str(tmp_path / "cache")
+    lora.cache_dir, lora.data_backend_config = str(tmp_path / "cache"), None  # that cache as it is
     with pytest.raises(ConfigError, match=r"datasets \['tiny-prompts'\] are prompts only .*LoRA flow matching trains "
                                           "on real latents"):
         run(lora)

@@ -204,9 +204,13 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
             _write_report(report, datasets)
         raise CacheError(f"no usable items: {report.summary()}")
     if encoders is None:
-        from wanjax.train import resolve_model
+        from wanjax.model_source import resolve_model
 
-        encoders = load_encoders(resolve_model(config)[0], vae_batch_size=opts.vae_batch_size,
+        try:
+            pipeline = resolve_model(config).pipeline
+        except ValueError as e:
+            raise CacheConfigError(str(e)) from None
+        encoders = load_encoders(pipeline, vae_batch_size=opts.vae_batch_size,
                                  text_batch_size=opts.text_batch_size)
     datasets = sources.with_alignment(datasets, 2 * encoders.spatial_factor)
     for d in datasets:
@@ -247,6 +251,48 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
     if report.cached == 0:
         raise CacheError(f"no usable items: {report.summary()}")
     return report
+
+
+def pending(config) -> str | None:
+    """Why `config.cache_dir` must be (re)built for `config.data_backend_config`, or None when it is current: a
+    manifest exists, every dataset is cached with today's settings and repeats, and every file found is cached or
+    was skipped by the last run (a file fixed since is retried by `python -m wanjax.cache`). Reads file lists and
+    captions, no media and no encoders; the trainer calls it to skip loading the encoders when nothing changed.
+    Changed settings are left to build_cache, which refuses them."""
+    cache_dir = Path(config.cache_dir)
+    settings_path = cache_dir / PROGRESS_DIR / "settings.json"
+    if not (cache_dir / records.MANIFEST).is_file():
+        return "no cache yet"
+    if not settings_path.is_file():  # written by other means (e.g. wanjax.tiny's synthetic latents): nothing to compare
+        log.warning("%s was not made by wanjax.cache (no %s): used as it is, data_backend_config is not checked",
+                    cache_dir, settings_path.relative_to(cache_dir))
+        return None
+    old = json.loads(settings_path.read_text())
+    defaults = {k: config.get(k, None) for k in ("resolution", "resolution_type", "minimum_image_size")}
+    try:
+        datasets, _ = sources.read_datasets(config.data_backend_config, defaults)
+    except sources.DatasetConfigError as e:
+        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
+    datasets = sources.with_alignment(datasets, 2 * int(old["encoders"]["spatial_factor"]))
+    fingerprints = json.loads(json.dumps({d.id: d.fingerprint() for d in datasets}))
+    if old.get("cache_dtype") != _Options.from_config(config).dtype:
+        return f"cache_dtype {old.get('cache_dtype')} -> {_Options.from_config(config).dtype}"
+    changed = [d for d, fp in fingerprints.items() if old.get("datasets", {}).get(d) != fp]
+    if changed:
+        return f"datasets {changed} are new or their settings changed"
+    manifest = records.read_manifest(cache_dir)
+    repeats = [d.id for d in datasets if d.id in manifest.datasets and manifest.datasets[d.id].repeats != d.repeats]
+    if repeats:  # (a dataset no longer listed keeps its records: build_cache reports them as stale)
+        return f"repeats of datasets {repeats} changed"
+    known = {k for info in _shard_infos(cache_dir) for k in info.keys}
+    if (cache_dir / REPORT_FILE).is_file():
+        known |= set(_read_report(cache_dir).skipped)
+    try:
+        found = sources.discover(datasets)
+    except sources.DatasetConfigError as e:
+        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
+    new = [it.key for it in found.items if it.key not in known]
+    return f"{len(new)} files not cached yet (e.g. {new[0]})" if new else None
 
 
 def _barrier(name: str) -> None:

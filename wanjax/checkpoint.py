@@ -46,15 +46,21 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, dict]:
-        """Restore into `abstract_state` (ShapeDtypeStructs carrying shardings); sets `iterator`'s position."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(iterator),
-            meta=ocp.args.JsonRestore(),
-        )
-        out = self.manager.restore(step, args=args)
-        return out.state, out.meta
+    def restore(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, dict, str | None]:
+        """Restore into `abstract_state` (ShapeDtypeStructs carrying shardings) and set `iterator`'s position.
+        Returns (state, meta, None), or, when the data changed since the save (files cached since, other batch
+        settings: the saved position means nothing in the new batch plan), (state, meta, why) with `iterator` left
+        at its start: the run continues from the saved weights and optimizer on a fresh data order."""
+        from wanjax.data.pipeline import DataChanged
+
+        state, meta = ocp.args.StandardRestore(abstract_state), ocp.args.JsonRestore()
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=state, data=grain.checkpoint.CheckpointRestore(iterator), meta=meta))
+            return out.state, out.meta, None
+        except DataChanged as e:
+            out = self.manager.restore(step, args=ocp.args.Composite(state=state, meta=meta))
+            return out.state, out.meta, str(e)
 
     def close(self) -> None:
         self.manager.close()

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import yaml
 
+from wanjax.model_source import resolve_model
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("lora", "dmd", "dcm", "full")
@@ -230,9 +232,10 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
     if method == "dcm" and d.get("dual_experts"):
         note = ((note or "") + "\n\nThe detail expert is `detail_expert_lora_weights.safetensors`; it runs the steps "
                 f"below sigma {student.get('switch_sigma')} (see wanjax's scripts/run_student_diffusers.py).").strip()
-    return model_card(base_model=str(config.get("pretrained_model_name_or_path")), method=method, settings=settings,
+    source = resolve_model(config)
+    return model_card(base_model=source.pipeline, method=method, settings=settings,
                       repo_id=repo_id, validation=validation, lora=lora, sampling=sampling,
-                      transformer=config.get("pretrained_transformer_subfolder") or "transformer", note=note)
+                      transformer="transformer_2" if source.subfolder == "transformer_2" else "transformer", note=note)
 
 
 def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:

@@ -28,20 +28,7 @@ import numpy as np
 
 logger = logging.getLogger("wanjax.train")
 
-# SimpleTuner's model flavours: (default repo, transformer subfolder). diffusers' convention: `transformer` is
-# the high-noise expert of Wan2.2 A14B and `transformer_2` the low-noise one.
-FLAVOURS = {
-    "t2v-480p-1.3b-2.1": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "transformer"),
-    "t2v-480p-14b-2.1": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "transformer"),
-    "i2v-14b-2.1": ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "transformer"),
-    "i2v-14b-2.1-720p": ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "transformer"),
-    "flf2v-14b-2.1": ("Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", "transformer"),
-    "t2v-a14b-2.2-high": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer"),
-    "t2v-a14b-2.2-low": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer_2"),
-    "i2v-14b-2.2-high": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "transformer"),
-    "i2v-14b-2.2-low": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "transformer_2"),
-    "ti2v-5b-2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "transformer"),
-}
+REPORT_TO = ("wandb", "none")
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, "no": jnp.float32}
 
 
@@ -56,7 +43,8 @@ class ConfigError(ValueError):
 class Resolved:
     """What the run will use, decided and checked before any compute."""
 
-    model_path: str
+    model_path: str  # the diffusers pipeline: VAE, text encoder, scheduler (validation, caching)
+    transformer_path: str  # where the base transformer is read
     subfolder: str | None
     base_dtype: Any
     reader: Any  # ParamReader of the base transformer (headers read, no weights)
@@ -68,22 +56,14 @@ class Resolved:
     fm: Any  # FlowMatchingConfig
     iterator: Any  # the data iterator (its batch plan already validated)
     method: str = "lora"
-
-
-def resolve_model(config) -> tuple[str, str | None]:
-    path, sub = config.pretrained_model_name_or_path, config.pretrained_transformer_subfolder
-    if config.model_flavour:
-        if config.model_flavour not in FLAVOURS:
-            raise ConfigError(f"model_flavour={config.model_flavour!r}: expected one of {sorted(FLAVOURS)}")
-        flavour_path, sub = FLAVOURS[config.model_flavour]
-        path = path or flavour_path
-    return path or FLAVOURS["t2v-480p-1.3b-2.1"][0], sub
+    max_train_steps: int = 0  # optimizer steps of the run (from num_train_epochs when that is set)
 
 
 def resolve(config) -> Resolved:
     from wanjax import lora as lora_lib
     from wanjax import optim
     from wanjax.data import pipeline, records
+    from wanjax.model_source import resolve_model
     from wanjax.losses.flow_matching import FlowMatchingConfig
     from wanjax.transformer_io import open_reader
 
@@ -93,18 +73,31 @@ def resolve(config) -> Resolved:
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}: expected one of {sorted(DTYPES)}")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("train_batch_size and gradient_accumulation_steps must be >= 1")
+    if config.report_to not in REPORT_TO:
+        raise ConfigError(f"report_to={config.report_to!r}: expected one of {REPORT_TO} (wanjax logs to "
+                          "output_dir/metrics.jsonl and, with 'wandb', to Weights & Biases)")
+    if config.max_train_steps < 0 or config.num_train_epochs < 0 or (config.max_train_steps > 0) == (
+            config.num_train_epochs > 0):
+        raise ConfigError(f"max_train_steps={config.max_train_steps}, num_train_epochs={config.num_train_epochs}: "
+                          "set exactly one of them > 0 and the other to 0 (as SimpleTuner)")
     if config.tiny_assets_dir:
         from wanjax import tiny
 
         tiny.ensure_assets(config.tiny_assets_dir)
 
-    path, sub = resolve_model(config)
+    try:
+        source = resolve_model(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    path, sub = source.transformer, source.subfolder
+    key = ("pretrained_transformer_model_name_or_path" if config.get("pretrained_transformer_model_name_or_path")
+           else "pretrained_model_name_or_path")
     try:
         reader = open_reader(path, subfolder=sub)
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"pretrained_model_name_or_path={path!r}: {e}") from None
+        raise ConfigError(f"{key}={path!r}: {e}") from None
     except Exception as e:  # hub errors (offline, missing repo) come in many types
-        raise ConfigError(f"pretrained_model_name_or_path={path!r}: not a local path and the hub download failed: {e}") from None
+        raise ConfigError(f"{key}={path!r}: not a local path and the hub download failed: {e}") from None
     model = reader.config
     if model.in_channels != model.out_channels:
         raise ConfigError(
@@ -112,13 +105,16 @@ def resolve(config) -> Resolved:
             "training needs conditioning latents in the cache, which the LoRA trainer does not build yet"
         )
 
-    if not (Path(config.cache_dir) / "manifest.json").exists() and config.data_backend_config:
-        # no cache yet: build it from the dataset list with the same code as `python -m wanjax.cache`
-        from wanjax.cache import CacheError, build_cache
+    if config.data_backend_config:
+        # no cache yet, new files or changed settings: the same code as `python -m wanjax.cache` (which caches only
+        # what is missing, and refuses a cache made with other settings)
+        from wanjax.cache import CacheError, build_cache, pending
 
-        logger.info("cache_dir=%s has no cache: caching %s first", config.cache_dir, config.data_backend_config)
         try:
-            build_cache(config)
+            why = pending(config)
+            if why is not None:
+                logger.info("cache_dir=%s: %s: caching %s first", config.cache_dir, why, config.data_backend_config)
+                build_cache(config)
         except (ValueError, CacheError) as e:
             raise ConfigError(f"caching {config.data_backend_config}: {e}") from None
     try:
@@ -130,10 +126,13 @@ def resolve(config) -> Resolved:
         raise ConfigError(f"cache_dir={config.cache_dir!r}: empty_prompt.safetensors (the cached embedding of \"\", "
                           "used for caption dropout) is missing")
 
+    if int(config.lora_rank) < 1:
+        raise ConfigError(f"lora_rank={config.lora_rank}: expected >= 1")
     try:
         targets = lora_lib.parse_targets(config.lora_target_modules)
+        lora_lib.lora_shapes(model, int(config.lora_rank), targets)  # each target a layer of this model
     except ValueError as e:
-        raise ConfigError(f"lora_target_modules: {e}") from None
+        raise ConfigError(f"lora_target_modules={config.lora_target_modules!r}: {e}") from None
     alpha = float(config.lora_alpha) if config.lora_alpha is not None else float(config.lora_rank)
     init = None
     if config.init_lora:
@@ -141,13 +140,6 @@ def resolve(config) -> Resolved:
             init = lora_lib.load_lora(config.init_lora, config=model)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"init_lora={config.init_lora!r}: {e}") from None
-
-    try:
-        # Accumulation happens inside the step (micro-batches scanned), so the optimizer sees one mean gradient.
-        optim_cfg = optim.OptimConfig.from_mapping({**config.to_dict(), "gradient_accumulation_steps": 1})
-        optim.make_optimizer(optim_cfg)  # refuses unknown names now, not after loading 14B weights
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
     sampler = "uniform" if config.flow_use_uniform_schedule else "beta" if config.flow_use_beta_schedule else "logit_normal"
     fm = FlowMatchingConfig(
@@ -164,6 +156,18 @@ def resolve(config) -> Resolved:
         )
     except ValueError as e:
         raise ConfigError(f"cache_dir={config.cache_dir!r}: {e}") from None
+    # SimpleTuner's num_train_epochs: epochs of the batch plan, each global batch one optimizer step
+    total = int(config.max_train_steps) or int(config.num_train_epochs) * iterator.batches_per_epoch
+    if config.num_train_epochs > 0:
+        logger.info("num_train_epochs=%d: %d optimizer steps (%d per epoch)", config.num_train_epochs, total,
+                    iterator.batches_per_epoch)
+    try:
+        # Accumulation happens inside the step (micro-batches scanned), so the optimizer sees one mean gradient.
+        optim_cfg = optim.OptimConfig.from_mapping(
+            {**config.to_dict(), "gradient_accumulation_steps": 1, "max_train_steps": total})
+        optim.make_optimizer(optim_cfg)  # refuses unknown names now, not after loading 14B weights
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     method = config.distillation_method or "lora"
     if method not in ("lora", "dmd", "dcm"):
         raise ConfigError(f"distillation_method={method!r}: expected None (LoRA flow matching), 'dmd' or 'dcm'")
@@ -192,8 +196,8 @@ def resolve(config) -> Resolved:
                    else f"{'LoRA flow matching' if method == 'lora' else 'DCM'} trains on real latents")
             raise ConfigError(f"cache_dir={config.cache_dir!r}: datasets {manifest.prompt_only} are prompts only (no "
                               f"latents); {why}. Prompt-only caches are for DMD (distillation_method='dmd').")
-    return Resolved(path, sub, DTYPES[config.mixed_precision], reader, manifest, targets, alpha, init, optim_cfg, fm,
-                    iterator, method)
+    return Resolved(source.pipeline, path, sub, DTYPES[config.mixed_precision], reader, manifest, targets, alpha,
+                    init, optim_cfg, fm, iterator, method, total)
 
 
 # =========================================================================================================
@@ -216,14 +220,20 @@ def _global_batch(local: dict, mesh) -> dict:
 
 
 def _export(method, state, output_dir: Path, fmt: str, *, final: bool) -> list[str]:
-    """Write the method's adapters as LoRA files in output_dir (process 0)."""
+    """Write the method's adapters as LoRA files in output_dir (process 0; every process calls this: adapters sharded
+    over processes, e.g. `fsdp` across hosts, are gathered first, a collective)."""
+    from jax.experimental import multihost_utils
+
     from wanjax import lora as lora_lib
 
     paths = []
     for stem, adapter in method.exports(state, final).items():
         path = output_dir / f"{stem}.safetensors"
+        params = adapter.params
+        if any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in jax.tree_util.tree_leaves(params)):
+            params = multihost_utils.process_allgather(params, tiled=True)
         if jax.process_index() == 0:
-            host = adapter.replace(params=jax.tree_util.tree_map(np.asarray, adapter.params))
+            host = adapter.replace(params=jax.tree_util.tree_map(np.asarray, params))
             lora_lib.save_lora(host, path, format=fmt)
         paths.append(str(path))
     return paths
@@ -309,9 +319,13 @@ def run(config) -> dict:
     if resume is not None:
         ckpt_dir, step = resume
         source = ckpt if ckpt_dir == ckpt.directory else Checkpointer(ckpt_dir.parent, max_to_keep=None)
-        state, _ = source.restore(step, _abstract(abstract, state_shardings), iterator)
+        state, _, data_changed = source.restore(step, _abstract(abstract, state_shardings), iterator)
         start = int(state.step)
         logger.info("resumed from %s/%d", ckpt_dir, step)
+        if data_changed:
+            logger.warning("the data changed since checkpoint %d (%s): weights and optimizer resume, the batches start "
+                           "a fresh order (the run is no longer the one an uninterrupted run would have made)",
+                           step, data_changed)
 
     # -- 5. hub, the loop ---------------------------------------------------------------------------------
     pusher = hub.pusher_from_config(config)
@@ -328,7 +342,7 @@ def run(config) -> dict:
         def step_fn(state, frozen, batch):
             state, carry = phase_1(state, frozen, batch)
             return phase_2(state, frozen, batch, carry)
-    total = int(config.max_train_steps)
+    total = r.max_train_steps
     writer = MetricsWriter(output_dir, report_to=config.report_to, project=config.tracker_project_name,
                            run_name=config.tracker_run_name, config=config.to_dict(), total_steps=total,
                            initial_step=start, resume=resume is not None, loss_key=method.loss_key)

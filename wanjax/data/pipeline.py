@@ -177,9 +177,13 @@ class BatchIterator(grain.DatasetIterator):
         diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
         if diff:
             changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"data-iterator state was saved by a different pipeline ({changes}); restoring it would "
-                             "not reproduce the saved run's batches (skip restoring the data iterator to start afresh)")
+            raise DataChanged(f"data-iterator state was saved by a different pipeline ({changes}); restoring it would "
+                              "not reproduce the saved run's batches")
         self._parent.set_state(state["grain"])
+
+
+class DataChanged(ValueError):
+    """A saved iterator position that does not belong to this cache / batch plan (e.g. files were cached since)."""
 
 
 def make_batch_iterator(

@@ -1,0 +1,64 @@
+"""Where the base model is read from, from SimpleTuner's keys, resolved in one place (trainer, caching, model card).
+
+- `model_flavour` (SimpleTuner's names): the default repo and the transformer subfolder (Wan 2.2 A14B: `transformer`
+  is the high-noise expert, `transformer_2` the low-noise one).
+- `pretrained_model_name_or_path`: the diffusers pipeline (folder or hub id) whose vae/, text_encoder/, tokenizer/
+  and scheduler/ are used; None: the flavour's repo, else Wan2.1 T2V 1.3B. A hub id that is not the flavour's repo
+  is refused (the flavour would otherwise be silently ignored).
+- `pretrained_transformer_model_name_or_path`: a transformer from elsewhere (a fine-tune: a pipeline or transformer
+  folder, a hub id, or a single .safetensors file); None: the pipeline's.
+- `pretrained_transformer_subfolder`: its subfolder; "none" (SimpleTuner's spelling) or "": the path is the
+  transformer itself; None: the flavour's (else "transformer") in the pipeline, detected in a custom path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+# SimpleTuner's model flavours: (default repo, transformer subfolder).
+FLAVOURS = {
+    "t2v-480p-1.3b-2.1": ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "transformer"),
+    "t2v-480p-14b-2.1": ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "transformer"),
+    "i2v-14b-2.1": ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "transformer"),
+    "i2v-14b-2.1-720p": ("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", "transformer"),
+    "flf2v-14b-2.1": ("Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", "transformer"),
+    "t2v-a14b-2.2-high": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer"),
+    "t2v-a14b-2.2-low": ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "transformer_2"),
+    "i2v-14b-2.2-high": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "transformer"),
+    "i2v-14b-2.2-low": ("Wan-AI/Wan2.2-I2V-A14B-Diffusers", "transformer_2"),
+    "ti2v-5b-2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "transformer"),
+}
+DEFAULT_FLAVOUR = "t2v-480p-1.3b-2.1"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    pipeline: str  # diffusers pipeline folder or hub id: vae/, text_encoder/, tokenizer/, scheduler/
+    transformer: str  # the transformer checkpoint: the pipeline, or pretrained_transformer_model_name_or_path
+    subfolder: str | None  # inside `transformer`; None: the path itself (or the loader's pipeline detection)
+
+
+def resolve_model(config) -> ModelSource:
+    """The model source of a config (a ConfigDict or a dict). ValueError names the key at fault."""
+    flavour = config.get("model_flavour")
+    flavour_repo = flavour_sub = None
+    if flavour:
+        if flavour not in FLAVOURS:
+            raise ValueError(f"model_flavour={flavour!r}: expected one of {sorted(FLAVOURS)}")
+        flavour_repo, flavour_sub = FLAVOURS[flavour]
+    path = config.get("pretrained_model_name_or_path")
+    is_hub_id = bool(path) and _HUB_ID.fullmatch(str(path)) is not None and not os.path.exists(str(path))
+    if flavour and is_hub_id and str(path).lower() != flavour_repo.lower():
+        raise ValueError(f"pretrained_model_name_or_path={path!r} is not model_flavour={flavour!r}'s repo "
+                         f"{flavour_repo!r}: set one of them (the other is then derived), or a local path")
+    pipeline = str(path or flavour_repo or FLAVOURS[DEFAULT_FLAVOUR][0])
+    custom = config.get("pretrained_transformer_model_name_or_path")
+    sub = config.get("pretrained_transformer_subfolder")
+    if isinstance(sub, str) and sub.strip().lower() in ("none", ""):
+        sub = None
+    elif sub is None and not custom:
+        sub = flavour_sub or "transformer"
+    return ModelSource(pipeline=pipeline, transformer=str(custom or pipeline), subfolder=sub)
