@@ -41,7 +41,12 @@ def explain_flag_error(e: Exception) -> str:
         name = key.group(0) if key else text
         suggestion = f"; did you mean {hint.group(1)!r}?" if hint else ""
         return f"unknown config key {name!r}{suggestion} (run with --dry_run to list every key)"
-    return str(e)
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # ml_collections wraps a config file's error with its traceback
+        head = text.split("Traceback (most recent call last)")[0].strip()
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return f"{head} {last}"
+    return text
 
 
 def setup_logging() -> None:
