@@ -30,9 +30,21 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def run(fn) -> None:
-    """Run `fn()`; turn bad-input errors into one clear line on stderr and exit status 1."""
+    """Run `fn()`; turn bad-input and filesystem errors (a missing --src, a --dst that is a file, permissions, a
+    full disk: every OSError) into one clear line on stderr and exit status 1."""
     try:
         fn()
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of `e` on one line; OSErrors raised by the OS itself ("[Errno 20] Not a directory: 'x'") name
+    their path and, for two-path calls (rename), both paths."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        text = f"{paths}: {e.strerror}"
+    else:
+        text = str(e)
+    return " ".join(text.split()) or type(e).__name__

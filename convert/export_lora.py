@@ -1,10 +1,13 @@
 """Export the LoRA of a training checkpoint to a file diffusers (or ComfyUI) loads.
 
-    python convert/export_lora.py --src OUTPUT_DIR/checkpoints/STEP --dst FILE [--format diffusers|comfyui]
+    python convert/export_lora.py --src OUTPUT_DIR/checkpoints/STEP --dst FILE|DIR [--format diffusers|comfyui]
                                   [--weights auto|ema|lora]
 
 --src may also be an output_dir (its newest checkpoint is used). `auto` exports the EMA weights when the
-run kept them (as the trainer's final export does), else the trained LoRA.
+run kept them (as the trainer's final export does), else the trained LoRA. The checkpoint is read as host
+arrays, so a run trained on any device layout (8 GPUs, a TPU pod slice) exports on one CPU host.
+--dst ending in .safetensors is the file written; any other --dst (e.g. `out/` or `out/my-lora`) is a folder,
+created if needed, that receives pytorch_lora_weights.safetensors (as diffusers' save_lora_weights writes).
 """
 
 import argparse
@@ -15,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli  # noqa: E402
+
+META_FILE = "metadata"  # orbax JsonCheckpointHandler's file name in checkpoints/<step>/meta/
 
 
 def find_checkpoint(src: Path) -> Path:
@@ -27,36 +32,75 @@ def find_checkpoint(src: Path) -> Path:
     return root / str(steps[0])
 
 
+def read_meta(ckpt: Path) -> dict:
+    """The run's JSON metadata of checkpoint `ckpt` (written by orbax's JsonSave as `meta/metadata`)."""
+    meta_path = ckpt / "meta"
+    # by name: the folder also holds orbax's commit_success.txt, and listing order depends on the filesystem
+    meta_file = meta_path if meta_path.is_file() else meta_path / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: not found; expected the checkpoint's JSON metadata (meta/{META_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: not JSON ({e}); expected the checkpoint's JSON metadata") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("lora"), dict):
+        raise ValueError(f"{meta_file}: no 'lora' entry (rank, alpha, targets); not a LoRA training checkpoint?")
+    return meta
+
+
+def restore_host(state_dir: Path, keys) -> dict:
+    """The entries `keys` of a checkpoint's state as host numpy arrays, whatever device layout saved them: restoring
+    without a target fails with "Topology mismatch" when the saving run had other devices (8 GPUs, a pod slice)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        md = handler.metadata(state_dir)  # the tree of the saved state, leaves ArrayMetadata
+    finally:
+        handler.close()
+    tree = getattr(md, "tree", md)
+    if not isinstance(tree, dict):
+        raise ValueError(f"{state_dir}: cannot read the tree of the saved state (got {type(md).__name__})")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        item = {k: tree[k] for k in keys if tree.get(k) is not None}
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        try:
+            args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        except TypeError:  # orbax without partial restore: read the whole state
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            args = ocp.args.PyTreeRestore(item=tree, restore_args=restore_args)
+        state = ckptr.restore(state_dir, args=args)
+    return {k: state[k] for k in item}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
+    p.add_argument("--dst", required=True, help="a .safetensors file, or a folder for pytorch_lora_weights.safetensors")
     p.add_argument("--format", choices=["diffusers", "comfyui"], default="diffusers")
     p.add_argument("--weights", choices=["auto", "ema", "lora"], default="auto")
     args = p.parse_args(argv)
 
     def export():
-        import orbax.checkpoint as ocp
-
         from wanjax import lora as lora_lib
 
         ckpt = find_checkpoint(Path(args.src).absolute())
-        meta_path = ckpt / "meta"
-        meta_file = meta_path if meta_path.is_file() else next(meta_path.glob("*"), None)
-        if meta_file is None:
-            raise FileNotFoundError(f"{ckpt}: checkpoint has no metadata")
-        meta = json.loads(meta_file.read_text())["lora"]
-        with ocp.StandardCheckpointer() as ckptr:
-            state = ckptr.restore(ckpt / "state")
+        meta = read_meta(ckpt)["lora"]
+        state_key = meta.get("state_key", "lora")  # "gen" for a DMD / DCM student
+        state = restore_host(ckpt / "state", (state_key,) if args.weights == "lora" else (state_key, "ema"))
         ema = state.get("ema")
         if args.weights == "ema" and not ema:
             raise ValueError(f"{ckpt}: --weights ema, but this run kept no EMA")
-        trained = state[meta.get("state_key", "lora")]  # "gen" for a DMD / DCM student
+        if state_key not in state:
+            raise ValueError(f"{ckpt / 'state'}: no {state_key!r} entry (the trained LoRA the metadata names)")
+        trained = state[state_key]
         params = ema if (args.weights == "ema" or (args.weights == "auto" and ema)) else trained
         lora = lora_lib.LoraWeights(params=params, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                                     targets=tuple(meta["targets"]))
-        lora_lib.save_lora(lora, args.dst, format=args.format)
-        print(f"wrote {args.dst} ({args.format}) from {ckpt}")
+        out = lora_lib.save_lora(lora, args.dst, format=args.format)
+        print(f"wrote {out} ({args.format}) from {ckpt}")
 
     _cli.run(export)
 

@@ -1,8 +1,13 @@
 """LoRA: parity with diffusers / PEFT adapters (forward and gradients), every file format both ways, exact
 invariants (B = 0, merged == unmerged, zero-padding, missing layers), and clear errors on bad input."""
 
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -353,3 +358,145 @@ def test_gradients_match_peft(base, tmp_path):
         g = np.asarray(leaf[which] if km.layer is None else leaf[which][km.layer])
         assert ref.rel_err(g.T if which != "bias" else g, g_ref) <= TOL, name
     assert len(expected) == sum(3 * (1 if wl._is_top(m) else 2) for m in lora.targets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exporting training checkpoints (convert/export_lora.py), --dst / path semantics, norm diffs on import
+# ---------------------------------------------------------------------------------------------------------
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sharded_checkpoint(config, run_dir):
+    """A training-like checkpoint written by wanjax.checkpoint.Checkpointer: the LoRA and its EMA fsdp-sharded over
+    every test device (8). Returns (checkpoint step folder, host LoRA, host EMA)."""
+    import grain
+
+    from wanjax.checkpoint import Checkpointer
+    from wanjax.sharding import fsdp_shardings, make_mesh
+
+    lora, ema = random_lora(config, seed=3, rank=4, alpha=6), random_lora(config, seed=4, rank=4, alpha=6)
+    mesh = make_mesh(fsdp=-1)
+    shardings = fsdp_shardings(lora.params, mesh)
+    put = lambda t: jax.tree_util.tree_map(jax.device_put, t, shardings)  # noqa: E731
+    state = {"lora": put(lora.params), "ema": put(ema.params), "step": jnp.asarray(5, jnp.int32)}
+    a = state["lora"]["blocks"]["attn1"]["to_q"]["A"]
+    assert len(a.sharding.device_set) == 8 and not a.sharding.is_fully_replicated
+    meta = {"lora": {"rank": 4, "alpha": 6.0, "targets": list(lora.targets)}, "method": "lora"}
+    ckptr = Checkpointer(run_dir, max_to_keep=None)
+    ckptr.save(5, state, iter(grain.MapDataset.range(4).to_iter_dataset()), meta)
+    ckptr.wait()
+    ckptr.close()
+    host = lambda w: w.replace(params=jax.tree_util.tree_map(np.asarray, w.params))  # noqa: E731
+    return run_dir / "checkpoints" / "5", host(lora), host(ema)
+
+
+def _same_tensors(a, b):
+    ta, tb = load_file(a), load_file(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert SafetensorsFile(a).metadata == SafetensorsFile(b).metadata
+
+
+def test_export_lora_from_8_device_checkpoint_on_1_device(base, tmp_path):
+    """A run trained on 8 devices exports on a 1-device host (restoring without a target failed: Topology mismatch),
+    tensor for tensor what save_lora writes from the saved values."""
+    ckpt, lora, ema = _sharded_checkpoint(base[0], tmp_path / "run")
+    wl.save_lora(lora, tmp_path / "expected_lora.safetensors")
+    wl.save_lora(ema, tmp_path / "expected_ema.safetensors", format="comfyui")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    for src, weights_, fmt, expected in ((ckpt, "lora", "diffusers", "expected_lora"),
+                                         (tmp_path / "run", "auto", "comfyui", "expected_ema")):
+        dst = tmp_path / f"{weights_}.safetensors"
+        r = subprocess.run([sys.executable, str(_ROOT / "convert" / "export_lora.py"), "--src", str(src), "--dst",
+                            str(dst), "--weights", weights_, "--format", fmt],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _same_tensors(dst, tmp_path / f"{expected}.safetensors")
+
+
+def _load_export_lora():
+    spec = importlib.util.spec_from_file_location("export_lora", _ROOT / "convert" / "export_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_lora_reads_the_metadata_file_by_name(base, tmp_path, monkeypatch):
+    """The meta folder holds orbax's commit_success.txt too; whatever order the filesystem lists it in (tmpfs lists
+    commit_success.txt first), the JSON metadata is read. --dst ending in "/" is a folder, created."""
+    ckpt, lora, _ = _sharded_checkpoint(base[0], tmp_path / "run")
+    meta = ckpt / "meta"
+    assert {p.name for p in meta.iterdir()} == {"commit_success.txt", "metadata"}
+    real_glob, real_iterdir = Path.glob, Path.iterdir
+
+    def hostile(entries):  # commit_success.txt first, as tmpfs lists it
+        return iter(sorted(entries, key=lambda p: p.name != "commit_success.txt"))
+
+    monkeypatch.setattr(Path, "glob", lambda self, pat, **kw: hostile(real_glob(self, pat, **kw)) if self.name == "meta"
+                        else real_glob(self, pat, **kw))
+    monkeypatch.setattr(Path, "iterdir", lambda self: hostile(real_iterdir(self)) if self.name == "meta"
+                        else real_iterdir(self))
+    export_lora = _load_export_lora()
+    export_lora.main(["--src", str(ckpt), "--dst", str(tmp_path / "out") + "/", "--weights", "lora"])
+    monkeypatch.undo()
+    wl.save_lora(lora, tmp_path / "expected.safetensors")
+    _same_tensors(tmp_path / "out" / wl.DIFFUSERS_FILE, tmp_path / "expected.safetensors")
+    (meta / "metadata").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{meta / 'metadata'}: not found; expected")):
+        export_lora.read_meta(ckpt)
+
+
+def test_save_lora_path_is_a_folder_unless_it_ends_in_safetensors(base, tmp_path):
+    """As diffusers' save_lora_weights(save_directory): a path without the .safetensors suffix (or ending in "/") is a
+    folder, created, holding pytorch_lora_weights.safetensors, which load_lora_weights(folder) finds; a path ending
+    in .safetensors is the file itself."""
+    config, params, inp, _ = base
+    lora = random_lora(config, rank=2, alpha=3)
+    for given, written in (("newdir", "newdir/" + wl.DIFFUSERS_FILE),
+                           ("a/b/", "a/b/" + wl.DIFFUSERS_FILE),
+                           ("x/model.v2", "x/model.v2/" + wl.DIFFUSERS_FILE),
+                           ("c/d/my_lora.safetensors", "c/d/my_lora.safetensors")):
+        returned = wl.save_lora(lora, str(tmp_path / given) + ("/" if given.endswith("/") else ""))
+        assert (tmp_path / written).is_file(), given
+        assert returned == tmp_path / written
+    assert sorted(p.name for p in (tmp_path / "newdir").iterdir()) == [wl.DIFFUSERS_FILE]
+    ref_out = diffusers_output(tmp_path / "newdir", inp)  # diffusers reads the folder
+    assert ref.rel_err(run(config, params, inp, lora), ref_out) <= TOL
+    assert ref.rel_err(run(config, params, inp, wl.load_lora(tmp_path / "newdir", config=config)), ref_out) <= TOL
+    (tmp_path / "plainfile").write_text("not a folder")
+    with pytest.raises(FileExistsError, match=re.escape(f"{tmp_path / 'plainfile'}: exists and is not a folder")):
+        wl.save_lora(lora, tmp_path / "plainfile")
+
+
+def _with_norm_diffs(config, tmp_path, value):
+    lora = random_lora(config, rank=4, alpha=4)
+    wl.save_lora(lora, tmp_path / "c.safetensors", format="comfyui")
+    sd = load_file(tmp_path / "c.safetensors")
+    for i in range(config.num_layers):
+        sd[f"diffusion_model.blocks.{i}.norm3.diff"] = torch.full((config.inner_dim,), value)
+        sd[f"diffusion_model.blocks.{i}.norm3.diff_b"] = torch.zeros(config.inner_dim)
+        sd[f"diffusion_model.blocks.{i}.self_attn.norm_q.diff"] = torch.zeros(config.inner_dim)
+    save_file(sd, tmp_path / "norm_diff.safetensors")
+    return lora, tmp_path / "norm_diff.safetensors"
+
+
+def test_all_zero_norm_diffs_are_dropped_with_a_warning(base, tmp_path, caplog):
+    """Published ComfyUI / musubi LoRAs (LightX2V, CausVid) carry all-zero norm .diff / .diff_b keys; diffusers drops
+    them and loads the file, so wanjax does too (exactly: they are no-ops), saying how many it dropped."""
+    config, params, inp, _ = base
+    lora, path = _with_norm_diffs(config, tmp_path, 0.0)
+    with caplog.at_level("WARNING", logger="wanjax.lora"):
+        loaded = wl.load_lora(path, config=config)
+    assert re.search(r"norm_diff\.safetensors: dropped 6 all-zero norm \.diff/\.diff_b tensors", caplog.text)
+    expected = diffusers_output(path, inp)
+    assert ref.rel_err(run(config, params, inp, loaded), expected) <= TOL
+    assert ref.rel_err(run(config, params, inp, lora), expected) <= TOL
+
+
+def test_nonzero_norm_diffs_are_refused(base, tmp_path):
+    """A non-zero .diff is a full-weight difference, not a low-rank adapter: refused, naming the key and its size."""
+    _, path = _with_norm_diffs(base[0], tmp_path, 0.5)
+    key = "diffusion_model.blocks.0.norm3.diff"
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unsupported LoRA key {key!r}") + r".*max \|value\| 0\.5"):
+        wl.load_lora(path, config=base[0])

@@ -1,6 +1,7 @@
 """Every loading route, round trips, key maps against diffusers' own converter, bad input, atomic writes."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -364,3 +365,79 @@ def test_two_process_sharded_load_and_save(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-2000:] for o in outs)
     a, b = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
     assert set(a) == set(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+# -- --dst that is a file, stale partial folders, a missing local --src that looks like a repo id -------------
+def _one_line_error(r):
+    """The converter failed with exit status 1 and one `error: ...` line, no traceback."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "WARNING" not in ln and not ln.startswith("I0000")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return lines[0]
+
+
+def test_dst_that_is_a_file_is_refused_in_one_line(tmp_path):
+    ref.make_model(ref.T2V).save_pretrained(tmp_path / "hf")
+    (tmp_path / "out.bin").write_text("a file, not a folder")
+    reader = transformer_io.open_reader(tmp_path / "hf")
+    for write in (transformer_io.write_wanjax, transformer_io.write_diffusers):
+        with pytest.raises(NotADirectoryError, match=re.escape(f"{tmp_path / 'out.bin'}: exists and is not a folder")):
+            write(reader, tmp_path / "out.bin", overwrite=True)
+    for args in ((), ("--overwrite",)):
+        r = _run("diffusers_to_wanjax.py", "--src", tmp_path / "hf", "--dst", tmp_path / "out.bin", *args)
+        line = _one_line_error(r)
+        assert f"{tmp_path / 'out.bin'}: exists and is not a folder" in line and "must be a folder" in line
+    assert (tmp_path / "out.bin").read_text() == "a file, not a folder"
+    # an OSError the OS raises (a --dst below a file) is one line too, naming the path
+    line = _one_line_error(_run("diffusers_to_wanjax.py", "--src", tmp_path / "hf", "--dst", tmp_path / "out.bin" / "x"))
+    assert str(tmp_path / "out.bin") in line
+
+
+def test_stale_partial_folders_of_killed_writers_are_removed(tmp_path, caplog):
+    """A killed conversion leaves `.{name}.partial-<pid>`; the next write to the same --dst removes those whose process
+    is gone (and logs it), keeps those of a running process and of other destinations."""
+    import os
+
+    model = ref.make_model(ref.T2V)
+    model.save_pretrained(tmp_path / "src")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".dst.partial-{dead.pid}"
+    alive = tmp_path / f".dst.partial-{os.getppid()}"  # pytest's parent: running
+    other = tmp_path / f".other.partial-{dead.pid}"
+    for d in (stale, alive, other):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "params-00001.safetensors").write_bytes(b"half written")
+    with caplog.at_level("WARNING", logger="wanjax.transformer_io"):
+        transformer_io.write_wanjax(transformer_io.open_reader(tmp_path / "src"), tmp_path / "dst")
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert f"removing {stale}" in caplog.text and str(alive) not in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "dst", alive.name, other.name])
+    check_route(tmp_path / "dst", model, ref.T2V)
+
+
+def test_missing_local_path_that_looks_like_a_repo_id(tmp_path, monkeypatch):
+    """`output/my-ckpt` that does not exist is tried as a hub repo id (the call is real, the hub is not reached here);
+    when that fails too, the error says both: no such local path, and why the hub lookup failed."""
+    import huggingface_hub as hf
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def offline(repo_id, *a, **kw):
+        calls.append(repo_id)
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled (HF_HUB_OFFLINE=1)")
+
+    monkeypatch.setattr(hf, "hf_hub_download", offline)
+    monkeypatch.setattr(hf, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        transformer_io.open_reader("output/my-ckpt")
+    assert calls and set(calls) == {"output/my-ckpt"}
+    msg = str(e.value)
+    assert msg.startswith("output/my-ckpt: no such local file or directory") and "hub repo id 'output/my-ckpt'" in msg
+    assert "LocalEntryNotFoundError: outgoing traffic has been disabled (HF_HUB_OFFLINE=1)" in msg
+    monkeypatch.undo()
+    # the converter, with the real huggingface_hub offline (HF_HUB_OFFLINE=1: no network): one line, both reasons
+    line = _one_line_error(_run("diffusers_to_wanjax.py", "--src", "output/my-ckpt", "--dst", tmp_path / "o"))
+    assert "output/my-ckpt: no such local file or directory" in line and "hub repo id" in line and "Error" in line

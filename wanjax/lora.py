@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from wanjax import weights
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import param_shapes
 
+logger = logging.getLogger(__name__)
 F32 = jnp.float32
 DEFAULT_TARGETS = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -350,15 +352,28 @@ def load_lora(path: str | os.PathLike, *, config: WanConfig | None = None, dtype
 
     entries: dict[tuple[str, int | None], dict] = collections.defaultdict(dict)
     names: dict[tuple[str, int | None], str] = {}
+    # All-zero norm `.diff` / `.diff_b` tensors (some ComfyUI / musubi LoRAs ship them, e.g. LightX2V, CausVid) are
+    # no-ops: dropped, as diffusers drops norm diffs. Non-zero ones are full-weight differences, not low-rank: refused.
+    dropped: list[str] = []
     for key in keys:
         try:
             stem, kind, musubi = _split_key(key)
             module, layer = _module_of(key, stem, musubi)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            msg = str(e)
+            if key.endswith((".diff", ".diff_b")) and "norm" in key:
+                diff = file.read(key).astype(np.float64)
+                if not diff.any():
+                    dropped.append(key)
+                    continue
+                msg += f" (max |value| {np.abs(diff).max():.3g}; only all-zero norm .diff / .diff_b tensors are skipped)"
+            raise ValueError(f"{path}: {msg}") from None
         arr = file.read(key).astype(np.float64)
         entries[(module, layer)][kind] = float(arr.reshape(-1)[0]) if kind == "alpha" else arr
         names.setdefault((module, layer), key)
+    if dropped:
+        logger.warning("%s: dropped %d all-zero norm .diff/.diff_b tensors (no-ops, as diffusers drops them), e.g. %s",
+                       path, len(dropped), ", ".join(dropped[:3]))
 
     # Per-module scale s_m (alpha tensor > PEFT metadata > 1), folded relative to the most common one.
     scales: dict[tuple[str, int | None], tuple[float, float]] = {}
@@ -428,15 +443,32 @@ def _layers(module: str, arr: np.ndarray):
     return [(None, arr)] if _is_top(module) else [(i, arr[i]) for i in range(arr.shape[0])]
 
 
-def save_lora(lora: LoraWeights, path: str | os.PathLike, *, format: str = "diffusers") -> None:
+def lora_file(path: str | os.PathLike) -> Path:
+    """The file `save_lora(lora, path)` writes: `path` itself when it ends in `.safetensors` (and is not an existing
+    folder); otherwise `path` is a folder (an existing one, one ending in "/", or any name without the suffix, e.g.
+    "out" or "out/my-lora") and the file is `path/pytorch_lora_weights.safetensors`, as diffusers'
+    `save_lora_weights(save_directory)` writes and `load_lora_weights(save_directory)` reads."""
+    text = os.fspath(path)
+    p = Path(text)
+    as_folder = p.is_dir() or text.endswith(("/", os.sep)) or p.suffix.lower() != ".safetensors"
+    return p / DIFFUSERS_FILE if as_folder else p
+
+
+def save_lora(lora: LoraWeights, path: str | os.PathLike, *, format: str = "diffusers") -> Path:
     """Write `lora` for diffusers' `WanPipeline.load_lora_weights` (format="diffusers": PEFT keys, alpha in the
     header metadata) or for ComfyUI / original-Wan tools (format="comfyui": lora_down / lora_up, `.alpha`,
-    `.diff_b`). A directory gets `pytorch_lora_weights.safetensors`. Tensors keep the adapter's dtype."""
+    `.diff_b`). `path` ending in `.safetensors` is the file; any other `path` is a folder (created if needed) that
+    gets `pytorch_lora_weights.safetensors` (see `lora_file`). Tensors keep the adapter's dtype. Returns the file."""
     if format not in ("diffusers", "comfyui"):
         raise ValueError(f"format={format!r}: expected 'diffusers' or 'comfyui'")
-    path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_FILE
+    path = lora_file(path)
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(
+            f"{folder}: exists and is not a folder; a LoRA path without the .safetensors suffix names a folder to "
+            f"write {DIFFUSERS_FILE} in (give a path ending in .safetensors to write a single file)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
     host = jax.device_get(lora.params)
     mods = []
     for m, mpath in _module_paths().items():  # every adapter in the tree, in canonical order
@@ -476,3 +508,4 @@ def save_lora(lora: LoraWeights, path: str | os.PathLike, *, format: str = "diff
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     specs = [(k, v.dtype, v.shape) for k, v in tensors.items()]
     stio.write_safetensors(path, specs, tensors.__getitem__, metadata)
+    return path

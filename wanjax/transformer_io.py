@@ -191,12 +191,13 @@ def _single_file(path: Path, overrides: dict) -> DiffusersReader:
 def _download(repo_id: str, subfolder: str | None) -> tuple[Path, str | None]:
     """Fetch only the transformer part of a hub repo (model or pipeline) with huggingface_hub."""
     import huggingface_hub as hf
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
         hf.hf_hub_download(repo_id, "model_index.json")
         sub = subfolder or "transformer"
         patterns = [f"{sub}/*.json", f"{sub}/*.safetensors", "model_index.json"]
-    except hf.errors.EntryNotFoundError:
+    except EntryNotFoundError:  # a model repo (or offline: snapshot_download then tries the local cache)
         sub = subfolder
         prefix = f"{subfolder}/" if subfolder else ""
         patterns = [f"{prefix}config.json", f"{prefix}{DIFFUSERS_STEM}*"]
@@ -207,11 +208,23 @@ def _looks_like_repo_id(path: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
 
 
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(e).split())  # hub errors span several lines
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def open_reader(path: str | os.PathLike, *, subfolder: str | None = None, **overrides) -> ParamReader:
     """The reader for any checkpoint `load_transformer` accepts (see there)."""
     spath = str(path)
     if _looks_like_repo_id(spath):
-        local, subfolder = _download(spath, subfolder)
+        # "org/name" that is not a local path: a hub repo id, or a local path mistyped / not created yet
+        try:
+            local, subfolder = _download(spath, subfolder)
+        except Exception as e:  # offline, no such repo, gated, network: say both what was tried and why
+            raise FileNotFoundError(
+                f"{spath}: no such local file or directory, and fetching it as hub repo id {spath!r} failed "
+                f"({type(e).__name__}: {_one_line(e)})"
+            ) from e
         return open_reader(local, subfolder=subfolder, **overrides)
     p = Path(path)
     if not p.exists():
@@ -300,15 +313,41 @@ def load_transformer(
 # Writing
 # ---------------------------------------------------------------------------------------------------------
 class _AtomicDir:
-    """Write a folder under a temporary name, rename it into place only when complete."""
+    """Write a folder under a temporary name, rename it into place only when complete.
+
+    The temporary folder is `.{name}.partial-{pid}` beside `dst`. A writer that was killed leaves its partial
+    folder behind; on start, partial folders of the same `dst` whose pid is not a running process on this host
+    are removed (and logged). Those of a running process are left alone, so a second writer started on this host
+    cannot delete a running one's work. Across hosts sharing a filesystem, one writer per `dst` at a time is
+    assumed (a multi-host save writes from process 0 only): the pid of a writer running on another host means
+    nothing here, and its partial folder would be taken for a stale one.
+    """
 
     def __init__(self, dst: Path, overwrite: bool):
         self.dst = Path(dst)
+        if self.dst.exists() and not self.dst.is_dir():
+            raise NotADirectoryError(f"{self.dst}: exists and is not a folder; the output must be a folder "
+                                     f"(a new path, or an existing folder with --overwrite / overwrite=True)")
         if self.dst.exists() and any(self.dst.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.dst} exists and is not empty (pass overwrite=True / --overwrite)")
         self.tmp = self.dst.with_name(f".{self.dst.name}.partial-{os.getpid()}")
 
+    def _remove_stale(self) -> None:
+        parent, prefix = self.dst.parent, f".{self.dst.name}.partial-"
+        if not parent.is_dir():
+            return
+        for p in parent.iterdir():
+            pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+            if not pid.isdigit() or p == self.tmp or _pid_running(int(pid)):
+                continue
+            logger.warning("removing %s: partial output of an earlier writer (pid %s) that did not finish", p, pid)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
     def __enter__(self) -> Path:
+        self._remove_stale()
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
@@ -326,6 +365,17 @@ class _AtomicDir:
         else:
             os.replace(self.tmp, self.dst)
         return False
+
+
+def _pid_running(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's process
+        return True
+    return True
 
 
 def _out_dtype(reader: ParamReader, path, dtype) -> np.dtype:
