@@ -11,15 +11,12 @@ created if needed, that receives pytorch_lora_weights.safetensors (as diffusers'
 """
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli  # noqa: E402
-
-META_FILE = "metadata"  # orbax JsonCheckpointHandler's file name in checkpoints/<step>/meta/
 
 
 def find_checkpoint(src: Path) -> Path:
@@ -33,18 +30,12 @@ def find_checkpoint(src: Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict:
-    """The run's JSON metadata of checkpoint `ckpt` (written by orbax's JsonSave as `meta/metadata`)."""
-    meta_path = ckpt / "meta"
-    # by name: the folder also holds orbax's commit_success.txt, and listing order depends on the filesystem
-    meta_file = meta_path if meta_path.is_file() else meta_path / META_FILE
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file}: not found; expected the checkpoint's JSON metadata (meta/{META_FILE})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{meta_file}: not JSON ({e}); expected the checkpoint's JSON metadata") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("lora"), dict):
-        raise ValueError(f"{meta_file}: no 'lora' entry (rank, alpha, targets); not a LoRA training checkpoint?")
+    """The run's JSON metadata of checkpoint `ckpt`, with its `lora` entry (rank, alpha, targets)."""
+    from wanjax.checkpoint import read_meta as read_checkpoint_meta
+
+    meta = read_checkpoint_meta(ckpt)
+    if not isinstance(meta.get("lora"), dict):
+        raise ValueError(f"{ckpt / 'meta'}: no 'lora' entry (rank, alpha, targets); not a LoRA training checkpoint?")
     return meta
 
 

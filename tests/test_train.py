@@ -120,6 +120,49 @@ def test_resume_is_exact(assets, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_resume_refusals_and_a_copied_checkpoint(assets, tmp_path):
+    """Resume problems are one-line ConfigErrors, before compute where possible: a path that is not a checkpoint,
+    a start that would write over later checkpoints (a fresh run into a run's folder, an older step), another
+    adapter or optimizer. A checkpoint copied anywhere resumes."""
+    import shutil
+
+    out = tmp_path / "run"
+    run(tiny_config(assets, out, max_train_steps=4, checkpoint_step_interval=2))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    with pytest.raises(ConfigError, match=r"holds checkpoints \[2, 4\] after step 0: a fresh run would write over"):
+        run(tiny_config(assets, out, max_train_steps=4, resume_from_checkpoint=""))
+    with pytest.raises(ConfigError, match=r"holds checkpoints \[4\] after step 2: resuming from step 2 would"):
+        run(tiny_config(assets, out, max_train_steps=6, resume_from_checkpoint=str(out / "checkpoints" / "2")))
+    with pytest.raises(ConfigError, match="expected 'latest' or a checkpoint folder"):
+        run(tiny_config(assets, out, resume_from_checkpoint=str(out / "checkpoints" / "99")))
+    with pytest.raises(ConfigError, match=r"was saved by another setup \(rank: saved 4, now 8"):
+        run(tiny_config(assets, out, max_train_steps=6, lora_rank=8))
+    with pytest.raises(ConfigError, match="does not fit this run's trainable state"):
+        run(tiny_config(assets, out, max_train_steps=6, optimizer="optimi-lion", use_ema=False))
+    assert len(losses(out)) == 4 and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    shutil.copytree(out / "checkpoints" / "4", tmp_path / "backup" / "4")  # a copy outside any checkpoints/ folder
+    summary = run(tiny_config(assets, tmp_path / "branch", max_train_steps=6,
+                              resume_from_checkpoint=str(tmp_path / "backup" / "4")))
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+
+
+def test_failed_final_validation_loses_nothing(assets, tmp_path, monkeypatch, caplog):
+    """The last validation runs after the final checkpoint and export, and a validation error is logged, not the
+    end of the run."""
+    from wanjax import validation
+
+    def broken(self, step, method, state):
+        raise OSError(36, "File name too long")
+
+    monkeypatch.setattr(validation.Validator, "run", broken)
+    out = tmp_path / "val"
+    summary = run(tiny_config(assets, out, max_train_steps=2, checkpoint_step_interval=0, validation_step_interval=2,
+                              validation_prompt="a red square", validation_resolution="48x32",
+                              validation_num_video_frames=9, validation_num_inference_steps=1))
+    assert summary["steps"] == 2 and (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "checkpoints" / "2").is_dir() and "validation at step 2 failed; training goes on" in caplog.text
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

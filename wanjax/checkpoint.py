@@ -8,6 +8,7 @@ exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+META_FILE = "metadata"  # orbax JsonSave's file in <step>/meta/
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +30,19 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
 class Checkpointer:
     """Saves and restores (state, data iterator, metadata) by step."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, max_to_keep: int | None):
-        self.directory = checkpoint_dir(output_dir)
+    def __init__(self, output_dir: str | os.PathLike | None = None, *, max_to_keep: int | None,
+                 directory: str | os.PathLike | None = None):
+        """`output_dir`'s checkpoints/, or a folder of <step> checkpoints given as `directory` (to resume from a
+        copy kept anywhere)."""
+        self.directory = Path(directory).absolute() if directory is not None else checkpoint_dir(output_dir)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep or None, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return sorted(int(s) for s in self.manager.all_steps())
 
     def save(self, step: int, state: Any, iterator: Any, meta: dict) -> None:
         args = ocp.args.Composite(
@@ -64,6 +73,22 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_meta(step_dir: str | os.PathLike) -> dict:
+    """The JSON metadata of checkpoint `step_dir` (`.../checkpoints/<step>`), read by name: its meta/ folder also
+    holds orbax's commit_success.txt, and listing order depends on the filesystem."""
+    meta_path = Path(step_dir) / "meta"
+    meta_file = meta_path if meta_path.is_file() else meta_path / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: not found; expected the checkpoint's JSON metadata (meta/{META_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: not JSON ({e}); expected the checkpoint's JSON metadata") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_file}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def resolve_resume(spec: str | None, output_dir: str | os.PathLike) -> tuple[Path, int] | None:

@@ -258,7 +258,7 @@ def _cached_text_embeds(cache_dir: str, text_len: int, mesh, negative_prompt: st
 def run(config) -> dict:
     """Train; returns a summary dict. Every bad setting raises ConfigError before compute starts."""
     from wanjax import methods
-    from wanjax.checkpoint import Checkpointer, resolve_resume
+    from wanjax.checkpoint import Checkpointer
     from wanjax.metrics import MetricsWriter
     from wanjax.models.transformer import param_shapes
     from wanjax.sharding import fsdp_shardings, make_mesh, param_shardings, use_mesh
@@ -271,15 +271,15 @@ def run(config) -> dict:
         val_settings = validation.settings_from_config(config)
     except validation.ValidationConfigError as e:
         raise ConfigError(str(e)) from None
-    r = resolve(config)
     output_dir = Path(config.output_dir)
+    resume = _resume_point(config, output_dir)
+    r = resolve(config)
     mesh = make_mesh(**dict(config.mesh))
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.train_batch_size % dp:
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by data x fsdp = {dp}")
     if config.train_batch_size % jax.process_count():
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {jax.process_count()} processes")
-    resume = resolve_resume(config.resume_from_checkpoint, output_dir)
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(config, output_dir)
@@ -318,8 +318,15 @@ def run(config) -> dict:
     start = 0
     if resume is not None:
         ckpt_dir, step = resume
-        source = ckpt if ckpt_dir == ckpt.directory else Checkpointer(ckpt_dir.parent, max_to_keep=None)
-        state, _, data_changed = source.restore(step, _abstract(abstract, state_shardings), iterator)
+        _check_resume_meta(ckpt_dir / str(step), method)
+        source = ckpt if ckpt_dir == ckpt.directory else Checkpointer(directory=ckpt_dir, max_to_keep=None)
+        try:
+            state, _, data_changed = source.restore(step, _abstract(abstract, state_shardings), iterator)
+        except (ValueError, KeyError, TypeError) as e:  # orbax: shapes or tree structure of another run's state
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"resume_from_checkpoint: {ckpt_dir / str(step)} does not fit this run's trainable "
+                              f"state ({first[:300]}): was lora_rank, lora_target_modules, optimizer, use_ema or "
+                              "the method changed since it was saved?") from None
         start = int(state.step)
         logger.info("resumed from %s/%d", ckpt_dir, step)
         if data_changed:
@@ -370,14 +377,17 @@ def run(config) -> dict:
                 exported = _export(method, state, output_dir, fmt, final=False)
                 if pusher is not None:
                     pusher.push_checkpoint(step, exported)
-            if validator is not None and (step % validator.s.interval == 0 or step == total):
+            if validator is not None and step % validator.s.interval == 0 and step < total:
                 with activation_mesh():
                     _validate(validator, writer, step, method, state)
-        # -- 6. final checkpoint + export -------------------------------------------------------------------
+        # -- 6. final checkpoint + export, then the last validation (which cannot lose them) -----------------
         if ckpt.latest_step() != step:  # a rerun of a finished run resumes at the end: nothing new to save
             ckpt.save(step, state, iterator, meta)
         ckpt.wait()
         paths = _export(method, state, output_dir, fmt, final=True)
+        if validator is not None and step > start:
+            with activation_mesh():
+                _validate(validator, writer, step, method, state)
         if pusher is not None:
             videos = validator.videos if validator is not None else []
             card = hub.card_from_config(config, repo_id=pusher.repo_id, steps=step, meta=meta, validation=[
@@ -390,9 +400,53 @@ def run(config) -> dict:
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def _resume_point(config, output_dir: Path) -> tuple[Path, int] | None:
+    """`resume_from_checkpoint` as (checkpoints folder, step), checked before any compute: a path that is not a
+    checkpoint, or a start that would write over checkpoints already in output_dir (a fresh start into a run's
+    folder, or a resume from an older step while later ones exist there) is refused, never overwritten."""
+    from wanjax.checkpoint import checkpoint_dir, resolve_resume
+
+    try:
+        resume = resolve_resume(config.resume_from_checkpoint, output_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    own = checkpoint_dir(output_dir)
+    existing = sorted(int(p.name) for p in own.iterdir() if p.name.isdigit()) if own.is_dir() else []
+    start = resume[1] if resume is not None else 0
+    later = [s for s in existing if s > start]
+    if later:
+        what = "a fresh run" if resume is None else f"resuming from step {start}"
+        raise ConfigError(f"output_dir={str(output_dir)!r} holds checkpoints {later} after step {start}: {what} would "
+                          "write over them. resume_from_checkpoint='latest' continues that run; to branch from an "
+                          "earlier step, move the later checkpoints away or use a new output_dir")
+    return resume
+
+
+def _check_resume_meta(step_dir: Path, method) -> None:
+    """The checkpoint's method and adapter (rank, alpha, targets) against this run's, before restoring."""
+    from wanjax.checkpoint import read_meta
+
+    try:
+        saved = read_meta(step_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"resume_from_checkpoint: {e}") from None
+    ours = {"method": method.name, **{k: method.meta.get("lora", {}).get(k) for k in ("rank", "alpha", "targets")}}
+    theirs = {"method": saved.get("method"), **{k: saved.get("lora", {}).get(k) for k in ("rank", "alpha", "targets")}}
+    diff = [f"{k}: saved {theirs[k]!r}, now {ours[k]!r}" for k in ours
+            if theirs[k] is not None and json.loads(json.dumps(theirs[k])) != json.loads(json.dumps(ours[k]))]
+    if diff:
+        raise ConfigError(f"resume_from_checkpoint: {step_dir} was saved by another setup ({'; '.join(diff)}): set "
+                          "the same method and LoRA settings, or start a new output_dir")
+
+
 def _validate(validator, writer, step: int, method, state) -> None:
+    """One validation round; an error there is logged, never the end of the training run."""
     t = time.perf_counter()
-    videos = validator.run(step, method, state)
+    try:
+        videos = validator.run(step, method, state)
+    except Exception:  # noqa: BLE001 - rendering (OOM, a file system error) must not kill hours of training
+        logger.exception("validation at step %d failed; training goes on", step)
+        return
     writer.log_videos(step, {v.key: v.path for v in videos}, captions={v.key: v.prompt for v in videos})
     logger.info("validation at step %d: %d video(s) in %s (%.1f s)", step, len(videos), validator.dir,
                 time.perf_counter() - t)
