@@ -317,8 +317,9 @@ def test_pending_says_what_the_trainer_must_cache(tmp_path):
         changed = [dict(lists[0], **change), *lists[1:]]
         (tmp_path / "changed.json").write_text(json.dumps(changed))
         assert pending(make_config(tmp_path / "changed.json", tmp_path / "cache")) == why
-    (tmp_path / "fewer.json").write_text(json.dumps(lists[:1]))  # a dataset dropped: its records stay (stale)
-    assert pending(make_config(tmp_path / "fewer.json", tmp_path / "cache")) is None
+    (tmp_path / "fewer.json").write_text(json.dumps(lists[:1]))  # a dataset dropped: its records stay, inactive
+    assert pending(make_config(tmp_path / "fewer.json", tmp_path / "cache")).startswith(
+        "1 cached records are trained on but no longer in the dataset list (e.g. more/a_red_ball.mp4")
     assert "cache_dtype bf16 -> fp32" in pending(make_config(backend, tmp_path / "cache", cache_dtype="fp32"))
     (tmp_path / "cache" / "progress" / "settings.json").unlink()  # not made by the caching job: used as it is
     assert pending(cfg) is None
@@ -573,3 +574,245 @@ def test_prompts_dataset_errors(tmp_path):
     with pytest.raises(CacheConfigError, match="height=40, width=48 must be multiples of 16"):
         build_cache(make_config(tmp_path / "db.json", tmp_path / "c"), encoders=fake_encoders()) if parse(
             {"prompts_file": str(tmp_path / "p.txt"), "height": 40, "width": 48}) else None
+
+
+# -- active records, max_num_samples, text files, folders, caption tables, rotation ----------------------------
+def _two_datasets(root: Path, drop_entry: dict | None = None) -> Path:
+    """Datasets "keep" and "drop" (repeats 3) of two 48x32 clips each; `drop_entry` replaces drop's entry (None:
+    as made; {}: removed from the list)."""
+    for ds in ("keep", "drop"):
+        for i in range(2):
+            if not (root / ds / f"v{i}.mp4").exists():
+                write_video(root / ds / f"v{i}.mp4", 48, 32, 9, seed=i)
+                (root / ds / f"v{i}.txt").write_text(f"{ds} clip {i}")
+    entry = {"type": "local", "dataset_type": "video", "caption_strategy": "textfile", "resolution": 40}
+    drop = {**entry, "id": "drop", "instance_data_dir": str(root / "drop"), "repeats": 3}
+    if drop_entry is not None:
+        drop = {**drop, **drop_entry} if drop_entry else None
+    backends = [{**entry, "id": "keep", "instance_data_dir": str(root / "keep")}] + ([drop] if drop else [])
+    (root / "db.json").write_text(json.dumps(backends))
+    return root / "db.json"
+
+
+def _epoch(cache_dir):
+    return sorted(str(b["keys"][0]) for b in make_batch_iterator(cache_dir, global_batch_size=1, seed=0, num_epochs=1))
+
+
+def test_disabled_removed_or_deleted_items_are_not_trained_on_but_kept(tmp_path):
+    """A dataset disabled or removed, or a file deleted: `pending` asks for a new manifest, the rerun encodes nothing,
+    the epoch leaves those records out, and they stay on disk; listed again, they are trained on again without
+    re-encoding."""
+    cfg = make_config(_two_datasets(tmp_path), tmp_path / "cache")
+    build_cache(cfg, encoders=fake_encoders())
+    everything = ["drop/v0.mp4"] * 4 + ["drop/v1.mp4"] * 4 + ["keep/v0.mp4", "keep/v1.mp4"]
+    assert _epoch(tmp_path / "cache") == everything and pending(cfg) is None
+    for change in ({"disabled": True}, {}):  # disabled, then removed from the list
+        _two_datasets(tmp_path, change)
+        why = pending(cfg)
+        assert why is not None and "2 cached records are trained on but no longer in the dataset list" in why, why
+        assert "drop/v0.mp4" in why
+        report = build_cache(cfg, encoders=fake_encoders(vae=None, text=None))  # nothing to encode
+        assert report.encoded_here == 0 and report.cached == 2 and report.stale == 2 and pending(cfg) is None
+        assert _epoch(tmp_path / "cache") == ["keep/v0.mp4", "keep/v1.mp4"]
+        man = records.read_manifest(tmp_path / "cache")
+        assert (man.items, man.active_items) == (4, 2) and man.datasets["drop"] == records.DatasetInfo(3, 2, True, 0)
+        assert set(read_records(tmp_path / "cache")) == {"keep/v0.mp4", "keep/v1.mp4", "drop/v0.mp4", "drop/v1.mp4"}
+        rep = json.loads((tmp_path / "cache" / "cache_report.json").read_text())
+        assert rep["stale"] == 2 and rep["stale_by_dataset"] == {"drop": 2} and rep["buckets"] == {"16x3x4x6": 2}
+        _two_datasets(tmp_path)  # listed again: trained on again, nothing re-encoded
+        assert "2 cached records are in the dataset list but not trained on (e.g. drop/v0.mp4)" in pending(cfg)
+        assert build_cache(cfg, encoders=fake_encoders(vae=None, text=None)).encoded_here == 0
+        assert _epoch(tmp_path / "cache") == everything and pending(cfg) is None
+    (tmp_path / "keep" / "v1.mp4").unlink()  # a deleted file
+    assert "1 cached records are trained on but no longer in the dataset list (e.g. keep/v1.mp4" in pending(cfg)
+    build_cache(cfg, encoders=fake_encoders(vae=None, text=None))
+    assert _epoch(tmp_path / "cache") == everything[:-1]
+
+
+def test_manifest_of_older_jobs_counts_every_record_active(tmp_path):
+    """A cache merged before records had active flags (no `active` in the manifest or index) trained on every record:
+    it still reads that way, and `pending` asks for the merge that stops training on a disabled dataset."""
+    cfg = make_config(_two_datasets(tmp_path), tmp_path / "cache")
+    build_cache(cfg, encoders=fake_encoders())
+    _two_datasets(tmp_path, {"disabled": True})
+    build_cache(cfg, encoders=fake_encoders(vae=None, text=None))
+    from wanjax.safetensors_io import SafetensorsFile, write_safetensors
+
+    out = tmp_path / "cache"
+    m = json.loads((out / "manifest.json").read_text())  # as the job wrote it before: every record counted
+    m.pop("active_items")
+    for part in (*m["datasets"].values(), *m["buckets"].values()):
+        part.pop("active", None)
+    (out / "manifest.json").write_text(json.dumps(m))
+    f = SafetensorsFile(out / records.INDEX)
+    arrays = {k: f.read(k) for k in ("bucket", "dataset")}
+    write_safetensors(out / records.INDEX, [(k, a.dtype, a.shape) for k, a in arrays.items()], arrays.__getitem__,
+                      metadata=f.metadata)
+    man = records.read_manifest(out)
+    assert man.active_items == man.items == 4 and man.datasets["drop"].active == 2
+    assert len(_epoch(out)) == 2 + 2 * 4
+    assert "2 cached records are trained on but no longer in the dataset list" in pending(cfg)
+    build_cache(cfg, encoders=fake_encoders(vae=None, text=None))
+    assert _epoch(out) == ["keep/v0.mp4", "keep/v1.mp4"]
+
+
+def test_max_num_samples_is_stable_and_nested(tmp_path):
+    """The subset is the items with the lowest crc32(key): a smaller max_num_samples keeps a subset of a larger one's
+    pick, and one new file changes the pick by at most one item."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for i in range(10):
+        (clips / f"v{i:02d}.mp4").write_bytes(b"")  # discovery reads names only
+
+    def pick(n):
+        (tmp_path / "db.json").write_text(json.dumps([{"id": "c", "dataset_type": "video", "max_num_samples": n,
+                                                        "instance_data_dir": str(clips), "caption_strategy": "filename"}]))
+        return [it.key for it in sources.discover(sources.read_datasets(tmp_path / "db.json")[0]).items]
+
+    four, two = pick(4), pick(2)
+    assert set(two) < set(four) and four == sorted(four) and len(four) == 4
+    keys = sorted((f"c/v{i:02d}.mp4" for i in range(10)), key=lambda k: (zlib.crc32(k.encode()), k))
+    assert four == sorted(keys[:4])
+    (clips / "v10.mp4").write_bytes(b"")
+    assert len(set(pick(4)) - set(four)) <= 1 and set(pick(2)) <= set(pick(4))
+
+
+def test_utf8_bom_is_ignored_in_captions_tables_and_prompts(tmp_path):
+    bom = "\ufeff".encode()
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for n in ("a", "b"):
+        (clips / f"{n}.mp4").write_bytes(b"")
+    (clips / "a.txt").write_bytes(bom + "a cat walking\n".encode())
+    (clips / "b.txt").write_bytes(bom + b"\r\n")  # a BOM alone is no caption
+    (clips / "metadata.jsonl").write_bytes(bom + b'{"file_name": "a.mp4", "caption": "from jsonl"}\r\n')
+    (tmp_path / "t.json").write_bytes(bom + b'[{"filename": "a", "caption": "from json"}]')
+    (tmp_path / "p.txt").write_bytes(bom + b"first prompt\nsecond prompt\n")
+    (tmp_path / "p.json").write_bytes(bom + b'{"one": "a prompt"}')
+
+    def found(**entry):
+        (tmp_path / "db.json").write_text(json.dumps([{"id": "c", "dataset_type": "video",
+                                                        "instance_data_dir": str(clips), **entry}]))
+        got = sources.discover(sources.read_datasets(tmp_path / "db.json")[0])
+        return {i.key: i.caption for i in got.items}, {k: s["reason"] for k, s in got.skipped.items()}
+
+    assert found() == ({"c/a.mp4": "a cat walking"}, {"c/b.mp4": "missing_caption"})
+    assert found(caption_strategy="jsonl")[0] == {"c/a.mp4": "from jsonl"}
+    assert found(caption_strategy="parquet", parquet={"path": str(tmp_path / "t.json")})[0] == {"c/a.mp4": "from json"}
+    assert sources.read_prompts(tmp_path / "p.txt") == ["first prompt", "second prompt"]
+    assert sources.read_prompts(tmp_path / "p.json") == ["a prompt"]
+    from wanjax.cache import _prompt_library
+
+    assert _prompt_library(ConfigDict({"validation_prompt_library": str(tmp_path / "p.json")}), []) == \
+        {"library/one": "a prompt"}
+
+
+def test_symlink_loop_and_second_link_listed_once(tmp_path):
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    for rel in ("v.mp4", "sub/w.mp4"):
+        (clips / rel).write_bytes(b"")
+    os.symlink(".", clips / "loop")  # ln -s . clips/loop
+    os.symlink("sub", clips / "sub2")  # a second link to one folder
+    (tmp_path / "db.json").write_text(json.dumps([{"id": "c", "dataset_type": "video", "instance_data_dir": str(clips),
+                                                    "caption_strategy": "filename"}]))
+    got = sources.discover(sources.read_datasets(tmp_path / "db.json")[0])
+    assert [i.key for i in got.items] == ["c/sub/w.mp4", "c/v.mp4"]
+    notes = {n["key"]: n["note"] for n in got.notes}
+    assert set(notes) == {"loop", "sub2"}
+    assert "reached again through a symlink" in notes["loop"] and "'.'" in notes["loop"] and "'sub'" in notes["sub2"]
+
+
+def test_bad_prompt_library_fails_before_encoding(tmp_path):
+    """Checked before any clip is decoded or encoded; the last run's report is left as it was."""
+    cfg = make_config(_two_datasets(tmp_path), tmp_path / "cache")
+    build_cache(cfg, encoders=fake_encoders())
+    report = (tmp_path / "cache" / "cache_report.json").read_text()
+    write_video(tmp_path / "keep" / "new.mp4", 48, 32, 9)
+    (tmp_path / "keep" / "new.txt").write_text("a new clip")
+    calls = []
+
+    def vae(x):
+        calls.append(x.shape)
+        return fake_vae(x)
+
+    for text, match in (('{"cat": "a cat",}', "unreadable .*Expecting property name"),
+                        ('["a cat"]', r"expected a JSON object \{name: prompt\}, got list"),
+                        ('{"cat": {"negative": "x"}}', "entry 'cat' has no prompt text"),
+                        ('{"cat": "a", "cat": "b"}', r"unreadable \(ValueError: key 'cat' appears twice\)")):
+        (tmp_path / "lib.json").write_text(text)
+        bad = make_config(tmp_path / "db.json", tmp_path / "cache", validation_prompt_library=str(tmp_path / "lib.json"))
+        with pytest.raises(CacheConfigError, match=f"^validation_prompt_library='{tmp_path / 'lib.json'}': {match}"):
+            build_cache(bad, encoders=fake_encoders(vae=vae))
+    assert calls == [] and (tmp_path / "cache" / "cache_report.json").read_text() == report
+
+
+def test_caption_table_identifiers(tmp_path):
+    """Exact relative path first, then the path without its media extension; dotted names keep their dots; absolute
+    paths under instance_data_dir match; one identifier for several files is reported, never silent."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    clips = tmp_path / "clips"
+    (clips / "sub").mkdir(parents=True)
+    for n in ("plain.mp4", "sub/nested.mp4", "my.clip.v2.mp4", "abs.mp4", "Upper.MP4", "dup.mp4", "dup.mkv",
+              "only.mkv", "two.mp4", "two.webm"):
+        (clips / n).write_bytes(b"")
+    rows = [{"filename": "plain", "caption": "plain caption"},
+            {"filename": "./sub/nested.mp4", "caption": "nested caption"},
+            {"filename": "my.clip.v2", "caption": "dotted name"},
+            {"filename": str(clips / "abs.mp4"), "caption": "absolute path"},
+            {"filename": str(tmp_path / "elsewhere.mp4"), "caption": "outside"},
+            {"filename": "Upper.MP4", "caption": "upper ext"},
+            {"filename": "dup.mp4", "caption": "the mp4"}, {"filename": "dup.mkv", "caption": "the mkv"},
+            {"filename": "only.mp4", "caption": "another file's caption"},
+            {"filename": "two", "caption": "both formats"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "captions.parquet")
+    (tmp_path / "db.json").write_text(json.dumps([{
+        "id": "p", "dataset_type": "video", "instance_data_dir": str(clips), "caption_strategy": "parquet",
+        "parquet": {"path": str(tmp_path / "captions.parquet"), "filename_column": "filename",
+                    "caption_column": "caption"}}]))
+    got = sources.discover(sources.read_datasets(tmp_path / "db.json")[0])
+    assert {i.key: i.caption for i in got.items} == {
+        "p/plain.mp4": "plain caption", "p/sub/nested.mp4": "nested caption", "p/my.clip.v2.mp4": "dotted name",
+        "p/abs.mp4": "absolute path", "p/Upper.MP4": "upper ext", "p/dup.mp4": "the mp4", "p/dup.mkv": "the mkv",
+        "p/two.mp4": "both formats", "p/two.webm": "both formats"}
+    assert {k: s["reason"] for k, s in got.skipped.items()} == {"p/only.mkv": "missing_caption"}
+    notes = [n["note"] for n in got.notes if n["key"] == "parquet.filename"]
+    assert len(notes) == 2
+    assert any("identifier 'two'" in n and "captions 2 files: two.mp4, two.webm" in n for n in notes), notes
+    assert any("1 absolute paths" in n and "elsewhere.mp4" in n for n in notes), notes
+
+
+def _write_rotated(path, width, height, frames, rotation):
+    """An mp4 whose display matrix rotates it by `rotation` degrees counterclockwise (PyAV's frame.rotation)."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.set_display_rotation(rotation)
+        for i in range(frames):
+            img = np.zeros((height, width, 3), np.uint8)
+            img[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None]  # red grows to the right
+            img[: height // 4, : width // 4, 2] = 255  # a blue mark top-left
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_rotated_video_is_cached_upright(tmp_path):
+    """A phone video (stored 64x32 landscape, display matrix -90: shown 90 degrees clockwise, 32x64 portrait) is
+    cached upright, in the portrait bucket."""
+    if not hasattr(av.VideoFrame, "rotation") or not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip(f"PyAV {av.__version__} cannot read or write display rotation")
+    _write_rotated(tmp_path / "phone.mp4", 64, 32, 5, -90)
+    with av.open(str(tmp_path / "phone.mp4")) as c:
+        assert next(c.decode(video=0)).rotation == -90
+    clip = video.load_clip(tmp_path / "phone.mp4", video.ClipSpec(resolution=40))
+    assert clip.shape == (5, 64, 32, 3)  # upright 32x64 -> the 32x64 bucket (stored: 64x32)
+    f = clip[0].astype(int)
+    assert f[:8, -8:, 2].mean() > 200 and f[:8, :8, 2].mean() < 50  # the top-left mark is now top-right
+    assert f[:4, :, 0].mean() < 60 and f[-4:, :, 0].mean() > 190  # the red ramp now grows downwards
+    with pytest.raises(video.Skip, match="aspect 0.500 below minimum_aspect_ratio 0.8"):  # filters see 32x64
+        video.load_clip(tmp_path / "phone.mp4", video.ClipSpec(resolution=40, minimum_aspect_ratio=0.8))
+    _write_rotated(tmp_path / "flipped.mp4", 64, 32, 5, 180)
+    clip = video.load_clip(tmp_path / "flipped.mp4", video.ClipSpec(resolution=40))
+    assert clip.shape == (5, 32, 64, 3) and clip[0, -4:, -8:, 2].mean() > 200  # the mark is now bottom-right

@@ -343,3 +343,46 @@ def test_corrupt_record_names_file_and_record(tmp_path, cache):
     with pytest.raises(ValueError, match=f"{shard}: record 0 "):
         src[0]
     assert src[1]["key"] == "synthetic/000001.mp4"
+
+
+# -- active records ------------------------------------------------------------------------------------------
+def _remanifest(d, active):
+    """Rewrite `d`'s manifest over its shards with only `active` keys active (as the caching job's merge does)."""
+    man, src = read_manifest(d), CacheSource(d)
+    recs, shards, start = [src[i] for i in range(len(src))], [], 0
+    for name, n in zip(man.shards, man.shard_items):
+        rows, start = recs[start : start + n], start + n
+        shards.append(records.ShardInfo(name, tuple(r["key"] for r in rows),
+                                        tuple(records.bucket_key(r["latents"].shape) for r in rows),
+                                        tuple(r["dataset"] for r in rows)))
+    return records.write_manifest(d, shards, latent_channels=C, text_dim=D, text_len=L,
+                                  datasets={k: v.repeats for k, v in man.datasets.items()}, active=active)
+
+
+def test_inactive_records_stay_readable_but_out_of_the_epoch(tmp_path, cache, caplog):
+    """Records marked inactive (items no longer in the dataset list) keep their place and can be read, but the epoch
+    plan leaves them out, and a bucket without active records is not planned (nor warned about)."""
+    d = copy_cache(cache, tmp_path / "c")
+    assert "active_items" not in json.loads((d / "manifest.json").read_text())  # all active: the format as before
+    keys = [CacheSource(d)[i]["key"] for i in range(12)]
+    # item i: bucket (2x4x6, 3x4x4)[i % 2], dataset ("a", "a", "b", "b")[i % 4]; keep a's records of bucket 2x4x6
+    man = _remanifest(d, [keys[i] for i in (0, 4, 8)])
+    assert (man.items, man.active_items) == (12, 3)
+    assert man.active_buckets == {f"{C}x2x4x6": 3, f"{C}x3x4x4": 0} and man.buckets == {f"{C}x2x4x6": 6, f"{C}x3x4x4": 6}
+    assert {k: (v.items, v.active) for k, v in man.datasets.items()} == {"a": (6, 3), "b": (6, 0)}
+    assert read_record_index(man).active.tolist() == [i in (0, 4, 8) for i in range(12)]
+    with caplog.at_level(logging.WARNING):
+        it = make_batch_iterator(d, global_batch_size=1, seed=0, num_epochs=1)
+    assert sorted(int(b["index"][0]) for b in it) == [0, 4, 8] and "3x4x4" not in caplog.text
+    assert CacheSource(d)[1]["key"] == keys[1]  # an inactive record is still there
+    good = (d / "manifest.json").read_text()
+    (d / "manifest.json").write_text(json.dumps({**json.loads(good), "active_items": 5}))
+    with pytest.raises(ValueError, match="bucket active counts sum to 3, active_items is 5"):
+        read_manifest(d)
+    (d / "manifest.json").write_text(good)
+    _remanifest(d, [])
+    with pytest.raises(ValueError, match="none of its 12 records is active"):
+        make_batch_iterator(d, global_batch_size=1, seed=0)
+    _remanifest(d, keys)  # all active again: the manifest reads as the original one
+    assert json.loads((d / "manifest.json").read_text()) == {**json.loads((cache / "manifest.json").read_text()),
+                                                             "source": {}}

@@ -28,7 +28,17 @@ Resume: a rerun (with any process count) skips the keys of every done-list and r
 been fixed); a crash loses at most the chunk in flight (its `.partial` shard is deleted on restart; a shard renamed
 but without its done-list is redone and the orphan removed at the merge). Settings
 that shape latents (dataset options, encoder sizes, dtype) are kept in progress/settings.json and a rerun with other
-values is refused. Items later removed from the dataset stay in the cache and are reported as stale.
+values is refused.
+
+Active records: the manifest covers every complete shard, but only records of items found now are active (trained
+on). Records of items no longer current -- a dataset disabled or removed from data_backend_config, a file deleted,
+an item outside `max_num_samples` -- stay on disk, marked inactive in index.safetensors and counted as `stale` in the
+report; nothing is ever deleted, and listing them again needs no re-encoding, only a new manifest. `pending` reports
+a cache whose active records differ from the items found now, so the trainer reruns the job (which encodes only
+what is missing, then rewrites the manifest).
+
+Before anything is encoded the job reads every caption / table / prompt file (UTF-8, a leading BOM ignored) and the
+validation prompt library, so a bad file fails the run before the encoders are loaded.
 """
 
 from __future__ import annotations
@@ -187,13 +197,15 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
         raise CacheConfigError("cache_dir is not set")
     opts = _Options.from_config(config)
     cache_dir = Path(config.cache_dir)
+    library_notes: list[dict[str, str]] = []
+    library = _prompt_library(config, library_notes)  # a bad library fails here, not after hours of encoding
     try:
         defaults = {k: config.get(k, None) for k in ("resolution", "resolution_type", "minimum_image_size")}
         datasets, notes = sources.read_datasets(config.data_backend_config, defaults)
         found = sources.discover(datasets)
     except sources.DatasetConfigError as e:
         raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
-    found.notes[:0] = notes
+    found.notes[:0] = notes + library_notes
     if p == 0:
         for n in found.notes:
             log.warning("[dataset %s] %s: %s", n["dataset"], n["key"], n["note"])
@@ -238,7 +250,7 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
     report = None
     if p == 0:
         try:
-            report = _merge(cache_dir, found, datasets, encoders, config, opts, n_proc)
+            report = _merge(cache_dir, found, datasets, encoders, config, opts, n_proc, library)
         except Exception as e:  # the others wait at the barrier below: tell them through the report file
             error = e
             _write_json(cache_dir / REPORT_FILE, {"error": f"{type(e).__name__}: {e}"})
@@ -255,10 +267,13 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
 
 def pending(config) -> str | None:
     """Why `config.cache_dir` must be (re)built for `config.data_backend_config`, or None when it is current: a
-    manifest exists, every dataset is cached with today's settings and repeats, and every file found is cached or
-    was skipped by the last run (a file fixed since is retried by `python -m wanjax.cache`). Reads file lists and
-    captions, no media and no encoders; the trainer calls it to skip loading the encoders when nothing changed.
-    Changed settings are left to build_cache, which refuses them."""
+    manifest exists, every dataset is cached with today's settings and repeats, every file found is cached or was
+    skipped by the last run (a file fixed since is retried by `python -m wanjax.cache`), and the manifest's active
+    records are exactly the cached items found now (a dataset disabled or removed, a file deleted or an item
+    outside max_num_samples needs a new manifest that stops training on its records; one listed again needs a
+    manifest that trains on it again; neither re-encodes anything). Reads file lists and captions, no media and no
+    encoders; the trainer calls it to skip loading the encoders when nothing changed. Changed settings are left to
+    build_cache, which refuses them."""
     cache_dir = Path(config.cache_dir)
     settings_path = cache_dir / PROGRESS_DIR / "settings.json"
     if not (cache_dir / records.MANIFEST).is_file():
@@ -284,7 +299,9 @@ def pending(config) -> str | None:
     repeats = [d.id for d in datasets if d.id in manifest.datasets and manifest.datasets[d.id].repeats != d.repeats]
     if repeats:  # (a dataset no longer listed keeps its records: build_cache reports them as stale)
         return f"repeats of datasets {repeats} changed"
-    known = {k for info in _shard_infos(cache_dir) for k in info.keys}
+    shards = _shard_infos(cache_dir)
+    cached = {k for info in shards for k in info.keys}
+    known = set(cached)
     if (cache_dir / REPORT_FILE).is_file():
         known |= set(_read_report(cache_dir).skipped)
     try:
@@ -292,7 +309,33 @@ def pending(config) -> str | None:
     except sources.DatasetConfigError as e:
         raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
     new = [it.key for it in found.items if it.key not in known]
-    return f"{len(new)} files not cached yet (e.g. {new[0]})" if new else None
+    if new:
+        return f"{len(new)} files not cached yet (e.g. {new[0]})"
+    want = {it.key for it in found.items if it.key in cached}
+    have = _active_keys(manifest, shards)
+    if isinstance(have, str):
+        return have
+    gone, back = sorted(have - want), sorted(want - have)
+    why = []
+    if gone:
+        why.append(f"{len(gone)} cached records are trained on but no longer in the dataset list (e.g. {gone[0]}: "
+                   "dataset disabled or removed, file deleted, or outside max_num_samples)")
+    if back:
+        why.append(f"{len(back)} cached records are in the dataset list but not trained on (e.g. {back[0]})")
+    return "; ".join(why) + ": the manifest must be rewritten (nothing is re-encoded)" if why else None
+
+
+def _active_keys(manifest: records.Manifest, shards: list[ShardInfo]) -> set[str] | str:
+    """The keys of the records `manifest` trains on, or why they cannot be told (then the merge must run)."""
+    by_name = {s.name: s for s in shards}
+    for name, n in zip(manifest.shards, manifest.shard_items):
+        if name not in by_name or len(by_name[name].keys) != n:
+            return f"{manifest.path} lists shard {name} ({n} records) without a matching done-list in {PROGRESS_DIR}/"
+    try:
+        active = records.read_record_index(manifest).active
+    except ValueError as e:
+        return str(e)
+    return {k for k, on in zip((k for name in manifest.shards for k in by_name[name].keys), active) if on}
 
 
 def _barrier(name: str) -> None:
@@ -477,10 +520,11 @@ def _encode_prompts(enc: Encoders, prompts: list[str]) -> tuple[np.ndarray, np.n
 
 # -- merge (process 0) -----------------------------------------------------------------------------------------
 def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encoders, config, opts: _Options,
-           n_proc: int) -> CacheReport:
+           n_proc: int, library: dict[str, str]) -> CacheReport:
     shards = _shard_infos(cache_dir)
     cached = {k for s in shards for k in s.keys}
     current = [it.key for it in found.items]
+    current_set = set(current)
     skipped = dict(found.skipped)
     for f in sorted((cache_dir / PROGRESS_DIR).glob("skipped-p*.json")):
         d = json.loads(f.read_text())
@@ -494,37 +538,51 @@ def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encod
     for f in [*cache_dir.glob("records-p*.array_record*"), *(cache_dir / PROGRESS_DIR).glob("records-p*.json")]:
         if f.name not in listed and f.name.replace(".json", ".array_record") not in listed:
             f.unlink()  # leftovers of crashed runs: shards without a done-list, done-lists without a shard
-    usable = len(set(current) & cached)
-    report = CacheReport(cache_dir, len(current) + len(found.skipped), usable,
+    active = current_set & cached
+    stale = collections.Counter(d for s in shards for k, d in zip(s.keys, s.datasets) if k not in current_set)
+    report = CacheReport(cache_dir, len(current) + len(found.skipped), len(active),
                          {k: skipped[k] for k in sorted(skipped) if k not in cached},
-                         stale=len(cached) - usable, notes=found.notes)
+                         stale=sum(stale.values()), notes=found.notes)
+    # datasets no longer listed keep their repeats and kind (their records stay, inactive, for a later re-listing)
+    try:
+        old = records.read_manifest(cache_dir).datasets
+    except ValueError:
+        old = {}
+    settings = cache_dir / PROGRESS_DIR / "settings.json"
+    ever = json.loads(settings.read_text()).get("datasets", {}) if settings.is_file() else {}
+    ids = {d.id for d in datasets}
+    repeats = {k: old[k].repeats for k in stale if k not in ids and k in old}
+    repeats.update({d.id: d.repeats for d in datasets})
+    prompt_only = [d.id for d in datasets if d.type == "prompts"]
+    prompt_only += [k for k in stale if k not in ids and (ever.get(k) or {}).get("type") == "prompts"]
     (cache_dir / records.MANIFEST).unlink(missing_ok=True)  # incomplete while the index is rewritten
-    if usable:
-        _write_prompt_files(cache_dir, enc, config, DTYPES[opts.dtype], report.notes)
+    if active:
+        _write_prompt_files(cache_dir, enc, library, DTYPES[opts.dtype])
         report.manifest = records.write_manifest(
             cache_dir, shards, latent_channels=enc.latent_channels, text_dim=enc.text_dim, text_len=enc.text_len,
-            datasets={d.id: d.repeats for d in datasets},
-            prompt_only=[d.id for d in datasets if d.type == "prompts"],
+            datasets=repeats, prompt_only=prompt_only, active=active,
             source={"generator": "wanjax.cache", "encoders": enc.name, "cache_dtype": opts.dtype,
                     "data_backend_config": str(config.data_backend_config)})
     if report.stale:
-        log.warning("%d cached records belong to items no longer in the dataset list (kept; use a new cache_dir "
-                    "to drop them)", report.stale)
-    _write_report(report, datasets)
+        log.warning("%d cached records belong to items no longer in the dataset list (%s; a dataset disabled or "
+                    "removed, a file deleted, or outside max_num_samples): kept on disk, not trained on; listing "
+                    "them again needs no re-encoding", report.stale, dict(sorted(stale.items())))
+    _write_report(report, datasets, dict(sorted(stale.items())))
     return report
 
 
-def _write_report(report: CacheReport, datasets: list) -> None:
+def _write_report(report: CacheReport, datasets: list, stale: dict[str, int] | None = None) -> None:
     per_ds = collections.defaultdict(lambda: {"skipped": 0})
     for s in report.skipped.values():
         per_ds[s["dataset"]]["skipped"] += 1
     man = report.manifest
     for d in datasets:
-        per_ds[d.id].update(repeats=d.repeats, cached=man.datasets[d.id].items if man and d.id in man.datasets else 0)
+        per_ds[d.id].update(repeats=d.repeats, cached=man.datasets[d.id].active if man and d.id in man.datasets else 0)
     _write_json(report.cache_dir / REPORT_FILE, {
         "summary": report.summary(), "candidates": report.candidates, "cached": report.cached,
-        "skipped_count": len(report.skipped), "stale": report.stale, "skipped_by_reason": report.counts(),
-        "datasets": dict(per_ds), "buckets": dict(man.buckets) if man else {},
+        "skipped_count": len(report.skipped), "stale": report.stale, "stale_by_dataset": dict(stale or {}),
+        "skipped_by_reason": report.counts(),
+        "datasets": dict(per_ds), "buckets": dict(man.active_buckets) if man else {},
         "skipped": [{"key": k, **v} for k, v in report.skipped.items()], "config_notes": report.notes})
 
 
@@ -537,30 +595,49 @@ def _read_report(cache_dir: Path) -> CacheReport:
                        notes=data["config_notes"])
 
 
+def _unique_keys(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:  # json.loads would keep the last silently (and validation refuses the file)
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def _prompt_library(config, notes: list) -> dict[str, str]:
+    """The prompts to embed into validation_prompts.safetensors (name -> text); CacheConfigError naming the key and
+    file for a library that is not a JSON object {name: prompt or {"prompt": ...}}."""
     out = {}
     for k in ("validation_prompt", "validation_negative_prompt"):
         if config.get(k, None):
             out[k] = str(config.get(k))
-    lib = config.get("validation_prompt_library", None) or config.get("user_prompt_library", None)
-    if isinstance(lib, str) and lib.lower() not in ("false", "true", ""):
+    key = "validation_prompt_library" if config.get("validation_prompt_library", None) else "user_prompt_library"
+    lib = config.get(key, None)
+    if isinstance(lib, str) and lib.lower() not in ("false", "none", "true", ""):
         try:
-            entries = json.loads(Path(lib).read_text())
-        except (OSError, ValueError) as e:
-            raise CacheConfigError(f"validation_prompt_library={lib!r}: unreadable ({e})") from None
+            entries = json.loads(Path(lib).read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CacheConfigError(f"{key}={lib!r}: unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(entries, dict):
+            raise CacheConfigError(f"{key}={lib!r}: expected a JSON object {{name: prompt}}, got "
+                                   f"{type(entries).__name__}")
         for name, v in entries.items():
-            out[f"library/{name}"] = str(v.get("prompt", "") if isinstance(v, dict) else v)
+            text = v.get("prompt") if isinstance(v, dict) else v
+            if not isinstance(text, str) or not text.strip():
+                raise CacheConfigError(f"{key}={lib!r}: entry {name!r} has no prompt text (expected a non-empty "
+                                       "string or {\"prompt\": ...})")
+            out[f"library/{name}"] = text
     elif lib is True or (isinstance(lib, str) and lib.lower() == "true"):
         notes.append({"dataset": "-", "key": "validation_prompt_library",
                       "note": "SimpleTuner's built-in prompt library is not shipped; give a JSON file of prompts"})
     return out
 
 
-def _write_prompt_files(cache_dir: Path, enc: Encoders, config, dtype, notes: list) -> None:
+def _write_prompt_files(cache_dir: Path, enc: Encoders, library: dict[str, str], dtype) -> None:
     """empty_prompt.safetensors ("empty": the true-length embedding of "") and validation_prompts.safetensors
-    (one true-length embedding per name; texts in the metadata). Kept when already written for the same texts."""
+    (one true-length embedding per name of `library`, see _prompt_library; texts in the metadata). Kept when already
+    written for the same texts."""
     wanted = {records.EMPTY_PROMPT_FILE: {"empty": ""}}
-    library = _prompt_library(config, notes)
     if library:
         wanted[records.VALIDATION_PROMPTS_FILE] = library
     from wanjax.safetensors_io import SafetensorsFile

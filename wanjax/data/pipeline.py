@@ -1,7 +1,8 @@
 """Training input: cached latents -> per-process batches with one latent shape each, resumable exactly (grain).
 
 The plan of an epoch is a pure function of (cache, seed, epoch, global batch size, repeats): per shape bucket,
-every record appears repeats + 1 times (SimpleTuner semantics), the list is permuted with a seed derived from
+every active record appears repeats + 1 times (SimpleTuner semantics; records the caching job marked inactive,
+i.e. of items no longer in the dataset list, are not planned), the list is permuted with a seed derived from
 (seed, epoch, bucket) and cut into global batches (the remainder is dropped, or with drop_remainder=False padded
 from the start of the bucket's permuted list; a bucket smaller than one global batch contributes nothing), then the
 order of all batches is permuted with a seed from (seed, epoch). Every epoch has the same number of batches; with
@@ -48,8 +49,9 @@ log = logging.getLogger(__name__)
 
 
 def bucket_members(manifest: Manifest, repeats: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Per bucket (sorted by name), the record indices of one epoch: record i repeated repeats[dataset] + 1 times.
-    `repeats` overrides the manifest's per-dataset values."""
+    """Per bucket (sorted by name), the record indices of one epoch: active record i repeated repeats[dataset] + 1
+    times; inactive records (see records.py) and buckets without active records are left out. `repeats` overrides
+    the manifest's per-dataset values."""
     reps = {k: d.repeats for k, d in manifest.datasets.items()}
     unknown = sorted(set(repeats or {}) - set(reps))
     if unknown:
@@ -58,9 +60,10 @@ def bucket_members(manifest: Manifest, repeats: Mapping[str, int] | None = None)
     if any(r < 0 for r in reps.values()):
         raise ValueError(f"repeats must be >= 0, got {reps}")
     index = read_record_index(manifest)
-    copies = np.asarray([reps[d] + 1 for d in index.datasets], np.int64)[index.dataset]
+    copies = np.asarray([reps[d] + 1 for d in index.datasets], np.int64)[index.dataset] * index.active
     order = np.argsort(np.asarray(index.buckets))
-    return {index.buckets[b]: np.repeat(np.flatnonzero(index.bucket == b), copies[index.bucket == b]) for b in order}
+    return {index.buckets[b]: np.repeat(np.flatnonzero(index.bucket == b), copies[index.bucket == b]) for b in order
+            if index.active[index.bucket == b].any()}
 
 
 def _rng(*entropy: int) -> np.random.Generator:
@@ -216,6 +219,9 @@ def make_batch_iterator(
     manifest = read_manifest(cache_dir)
     if manifest.items == 0:
         raise ValueError(f"{manifest.path}: the cache is empty (0 records)")
+    if manifest.active_items == 0:
+        raise ValueError(f"{manifest.path}: none of its {manifest.items} records is active (they belong to items no "
+                         "longer in the dataset list); list them again or cache other data")
     members = bucket_members(manifest, repeats)
     g, b = global_batch_size, global_batch_size // process_count
     per_bucket = {k: len(v) // g + (not drop_remainder and len(v) >= g and len(v) % g > 0) for k, v in members.items()}
@@ -228,7 +234,9 @@ def make_batch_iterator(
     if batches_per_epoch == 0:
         raise ValueError(f"{manifest.path}: no bucket fills a global batch of {g}; items per epoch (with repeats) "
                          f"by bucket: {counts}")
-    log.info("data: %d records, %d batches of %d per epoch (%s)", manifest.items, batches_per_epoch, g,
+    inactive = manifest.items - manifest.active_items
+    log.info("data: %d records%s, %d batches of %d per epoch (%s)", manifest.active_items,
+             f" ({inactive} more inactive, not trained on)" if inactive else "", batches_per_epoch, g,
              {k: n for k, n in per_bucket.items() if n})
 
     source = CacheSource(cache_dir, manifest)
@@ -249,6 +257,10 @@ def make_batch_iterator(
         "drop_remainder": bool(drop_remainder), "worker_count": int(worker_count),
         "epoch_items": {k: int(n) for k, n in counts.items()},
     }
+    if inactive:  # which records are trained on (only then: states saved before inactive records existed still load)
+        active = np.concatenate([np.unique(v) for v in members.values()]) if members else np.zeros(0, np.int64)
+        fingerprint["active"] = {"items": manifest.active_items,
+                                 "crc32": zlib.crc32(np.sort(active).astype("<i8").tobytes())}
     return BatchIterator(iter(it_ds), fingerprint, batches_per_epoch)
 
 

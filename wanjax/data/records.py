@@ -9,8 +9,13 @@ A cache directory holds
                                        records-p000-00000 ... (each renamed from `.partial` once complete) and
                                        `write_manifest` joins them.
   index.safetensors                    per-record int32 `bucket` and `dataset` ids (names in its metadata), so the
-                                       trainer groups records by shape without reading them.
+                                       trainer groups records by shape without reading them, and uint8 `active`
+                                       (1: trained on; absent in older caches: every record is active).
   manifest.json                        written LAST (temp + rename): a directory without it is an incomplete cache.
+                                       Counts (`items`, per dataset `items`, per bucket `count`) are of the records
+                                       on disk; `active_items`, per dataset `active` and per bucket `active` count
+                                       the records the trainer uses (written only when some record is inactive;
+                                       absent: all of them).
   empty_prompt.safetensors, validation_prompts.safetensors   side files of the caching job (`write_text_embeds`).
 
 Record format (version 1): each ArrayRecord record is one safetensors blob -- 8-byte little-endian header size,
@@ -21,6 +26,11 @@ with any safetensors reader. `__metadata__` = {"format": "wanjax-record-1", "key
 (a `prompts` dataset, for DMD) has no `latents`; its `__metadata__` carries `latent_shape` ("CxFxHxW") instead,
 and readers give it as `latent_shape`. Tensors keep the dtype
 they were given (float32 / float16 / bfloat16 ...), so reads are bit-exact.
+
+Active records: the caching job keeps records of items that left the dataset list (a dataset disabled or removed, a
+file deleted, an item outside `max_num_samples`) on disk but marks them inactive, so they are not trained on and
+listing them again needs no re-encoding, only a new manifest. `bucket_members` (the epoch plan) uses active records
+only; `CacheSource` still reads any record by its global index.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -137,8 +147,13 @@ def decode_record(raw: bytes, *, text_len: int | None = None) -> dict[str, Any]:
 @dataclass(frozen=True)
 class DatasetInfo:
     repeats: int  # SimpleTuner semantics: each item is seen repeats + 1 times per epoch
-    items: int
+    items: int  # records on disk
     latents: bool = True  # False: a prompts dataset (records hold prompt embeddings and a latent shape only)
+    active: int | None = None  # records trained on (None: all `items`); the rest belong to items no longer listed
+
+    def __post_init__(self) -> None:
+        if self.active is None:
+            object.__setattr__(self, "active", self.items)
 
 
 @dataclass(frozen=True)
@@ -151,8 +166,16 @@ class Manifest:
     buckets: dict[str, int]  # "CxFxHxW" -> record count
     shards: tuple[str, ...]
     shard_items: tuple[int, ...]
-    items: int
+    items: int  # records on disk
     source: dict[str, Any] = field(default_factory=dict)
+    active_items: int | None = None  # records trained on (None: all `items`)
+    active_buckets: dict[str, int] | None = None  # "CxFxHxW" -> active record count (None: `buckets`)
+
+    def __post_init__(self) -> None:
+        if self.active_items is None:
+            object.__setattr__(self, "active_items", self.items)
+        if self.active_buckets is None:
+            object.__setattr__(self, "active_buckets", dict(self.buckets))
 
     @property
     def path(self) -> Path:
@@ -160,8 +183,8 @@ class Manifest:
 
     @property
     def prompt_only(self) -> list[str]:
-        """Datasets whose records have no latents (prompts datasets)."""
-        return sorted(k for k, d in self.datasets.items() if not d.latents and d.items)
+        """Datasets whose active records have no latents (prompts datasets)."""
+        return sorted(k for k, d in self.datasets.items() if not d.latents and d.active)
 
 
 def read_manifest(directory: str | os.PathLike) -> Manifest:
@@ -186,13 +209,16 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
             latent_channels=int(m["latent_channels"]),
             text_dim=int(m["text_dim"]),
             text_len=int(m["text_len"]),
-            datasets={k: DatasetInfo(int(v["repeats"]), int(v["items"]), bool(v.get("latents", True)))
+            datasets={k: DatasetInfo(int(v["repeats"]), int(v["items"]), bool(v.get("latents", True)),
+                                     int(v.get("active", v["items"])))
                       for k, v in m["datasets"].items()},
             buckets={str(k): int(v["count"]) for k, v in m["buckets"].items()},
             shards=tuple(str(s) for s in m["shards"]),
             shard_items=tuple(int(n) for n in m["shard_items"]),
             items=int(m["items"]),
             source=dict(m.get("source") or {}),
+            active_items=int(m.get("active_items", m["items"])),
+            active_buckets={str(k): int(v.get("active", v["count"])) for k, v in m["buckets"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -203,6 +229,15 @@ def read_manifest(directory: str | os.PathLike) -> Manifest:
                         ("dataset items", sum(d.items for d in man.datasets.values()))):
         if total != man.items:
             problems.append(f"{what} sum to {total}, items is {man.items}")
+    for what, total in (("bucket active counts", sum(man.active_buckets.values())),
+                        ("dataset active counts", sum(d.active for d in man.datasets.values()))):
+        if total != man.active_items:
+            problems.append(f"{what} sum to {total}, active_items is {man.active_items}")
+    over = [k for k, d in man.datasets.items() if not 0 <= d.active <= d.items]
+    over += [k for k, n in man.active_buckets.items() if not 0 <= n <= man.buckets[k]]
+    if over or not 0 <= man.active_items <= man.items:
+        problems.append(f"active counts outside [0, items] (datasets/buckets {over}, active_items "
+                        f"{man.active_items} of {man.items})")
     if any(d.repeats < 0 for d in man.datasets.values()):
         problems.append("negative repeats")
     missing = [s for s in man.shards if not (directory / s).is_file()]
@@ -228,25 +263,33 @@ def validate_cache(manifest: Manifest, *, latent_channels: int, text_dim: int, t
 
 @dataclass(frozen=True)
 class RecordIndex:
-    """Per-record bucket and dataset ids, in global record order (shard order, then position)."""
+    """Per-record bucket and dataset ids and active flags, in global record order (shard order, then position)."""
 
     buckets: list[str]
     bucket: np.ndarray  # int32 [items]: index into `buckets`
     datasets: list[str]
     dataset: np.ndarray  # int32 [items]: index into `datasets`
+    active: np.ndarray  # bool [items]: trained on (False: the record's item is no longer in the dataset list)
 
 
 def read_record_index(manifest: Manifest) -> RecordIndex:
     path = manifest.directory / INDEX
     try:
         f = SafetensorsFile(path)
-        idx = RecordIndex(json.loads(f.metadata["buckets"]), f.read("bucket"),
-                          json.loads(f.metadata["datasets"]), f.read("dataset"))
+        bucket = f.read("bucket")
+        active = f.read("active").astype(bool) if "active" in f.keys() else np.ones(len(bucket), bool)
+        idx = RecordIndex(json.loads(f.metadata["buckets"]), bucket,
+                          json.loads(f.metadata["datasets"]), f.read("dataset"), active)
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: unreadable record index ({type(e).__name__}: {e})") from None
+    n = manifest.items
     counts = dict(zip(idx.buckets, np.bincount(idx.bucket, minlength=len(idx.buckets)).tolist()))
-    if len(idx.bucket) != manifest.items or len(idx.dataset) != manifest.items or counts != manifest.buckets:
+    if len(idx.bucket) != n or len(idx.dataset) != n or len(idx.active) != n or counts != manifest.buckets:
         raise ValueError(f"{path}: disagrees with {manifest.path} (records or bucket counts differ)")
+    active = dict(zip(idx.buckets, np.bincount(idx.bucket[idx.active], minlength=len(idx.buckets)).tolist()))
+    if {k: active.get(k, 0) for k in manifest.active_buckets} != manifest.active_buckets:
+        raise ValueError(f"{path}: disagrees with {manifest.path} (active records per bucket: index {active}, "
+                         f"manifest {manifest.active_buckets})")
     if not set(idx.datasets) <= set(manifest.datasets):
         raise ValueError(f"{path}: datasets {sorted(set(idx.datasets) - set(manifest.datasets))} not in the manifest")
     return idx
@@ -373,10 +416,12 @@ class ShardInfo:
 
 def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *, latent_channels: int, text_dim: int,
                    text_len: int, datasets: Mapping[str, int] | None = None,
-                   source: Mapping[str, Any] | None = None, prompt_only: Sequence[str] = ()) -> Manifest:
+                   source: Mapping[str, Any] | None = None, prompt_only: Sequence[str] = (),
+                   active: Collection[str] | None = None) -> Manifest:
     """Make `directory` a complete cache over `shards` (files already complete, in this global record order):
     writes index.safetensors, then manifest.json last (atomically). Keys must be unique across shards.
-    `datasets`: id -> repeats, as for `CacheWriter.close`; `prompt_only`: ids of datasets without latents."""
+    `datasets`: id -> repeats, as for `CacheWriter.close`; `prompt_only`: ids of datasets without latents;
+    `active`: keys of the records to train on (None: all); the others stay on disk, marked inactive."""
     directory = Path(directory)
     seen: set[str] = set()
     for s in shards:
@@ -390,21 +435,32 @@ def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *,
     bucket = [bucket_ids.setdefault(b, len(bucket_ids)) for s in shards for b in s.buckets]
     dataset = [dataset_ids.setdefault(d, len(dataset_ids)) for s in shards for d in s.datasets]
     buckets, ds_names = list(bucket_ids), list(dataset_ids)
-    arrays = {"bucket": np.asarray(bucket, np.int32), "dataset": np.asarray(dataset, np.int32)}
+    keep = None if active is None else set(active)
+    arrays = {"bucket": np.asarray(bucket, np.int32), "dataset": np.asarray(dataset, np.int32),
+              "active": np.asarray([keep is None or k in keep for s in shards for k in s.keys], np.uint8)}
     names_meta = {"buckets": json.dumps(buckets), "datasets": json.dumps(ds_names)}
-    write_safetensors(directory / INDEX, [(k, np.int32, a.shape) for k, a in arrays.items()],
+    write_safetensors(directory / INDEX, [(k, a.dtype, a.shape) for k, a in arrays.items()],
                       arrays.__getitem__, metadata=names_meta)
     repeats = dict(datasets or {})
-    ds_items = dict(zip(ds_names, np.bincount(arrays["dataset"], minlength=len(ds_names)).tolist()))
-    b_items = dict(zip(buckets, np.bincount(arrays["bucket"], minlength=len(buckets)).tolist()))
+    on = arrays["active"].astype(bool)
+
+    def count(ids: np.ndarray, names: list[str], mask: np.ndarray | None = None) -> dict[str, int]:
+        return dict(zip(names, np.bincount(ids if mask is None else ids[mask], minlength=len(names)).tolist()))
+
+    ds_items, ds_active = count(arrays["dataset"], ds_names), count(arrays["dataset"], ds_names, on)
+    b_items, b_active = count(arrays["bucket"], buckets), count(arrays["bucket"], buckets, on)
+    some_off = not on.all()  # all active: the manifest reads as before (older readers use it unchanged)
     manifest = {
         "format": FORMAT, "version": VERSION,
         "latent_channels": latent_channels, "text_dim": text_dim, "text_len": text_len,
         "datasets": {k: {"repeats": int(repeats.get(k, 0)), "items": ds_items.get(k, 0),
+                         **({"active": ds_active.get(k, 0)} if some_off else {}),
                          "latents": k not in set(prompt_only)}
                      for k in sorted(set(ds_names) | set(repeats))},
-        "buckets": {k: {"count": b_items[k]} for k in sorted(buckets)},
+        "buckets": {k: {"count": b_items[k], **({"active": b_active[k]} if some_off else {})}
+                    for k in sorted(buckets)},
         "shards": [s.name for s in shards], "shard_items": [len(s.keys) for s in shards], "items": len(bucket),
+        **({"active_items": int(on.sum())} if some_off else {}),
         "source": dict(source or {}),
     }
     _write_json_atomic(directory / MANIFEST, manifest)

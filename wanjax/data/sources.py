@@ -15,9 +15,20 @@ Sources:
   multi-caption lines are not sampled; `disable_multiline_split` keeps the whole text), `filename` (stem, "_" ->
   " "), `instanceprompt` (`instance_prompt`), `parquet` (SimpleTuner's `parquet` block: a .parquet, .jsonl or .json
   table with `filename_column`, `caption_column`, `fallback_caption_column`; identifiers are paths relative to
-  instance_data_dir, matched without extension, so `identifier_includes_extension` either way works), and `jsonl`
-  (a wanjax shorthand: the `parquet` block if given, else `instance_data_dir/metadata.jsonl` with `file_name` and
-  `caption` (or `text`) columns).
+  instance_data_dir (absolute paths under it are made relative; "./" is dropped), so `identifier_includes_extension`
+  either way works: a file takes the row of its exact relative path, else the row of that path without its media
+  extension (an identifier ending in another media extension never matches: `dup` may caption dup.mp4 and dup.mkv,
+  `dup.mp4` captions dup.mp4 only; dots inside a name are kept, `my.clip.v2` captions my.clip.v2.mp4), else, for
+  identifiers without a folder, the same two by file name. One identifier captioning several files is reported in a
+  note naming them), and `jsonl` (a wanjax shorthand: the `parquet` block if given, else
+  `instance_data_dir/metadata.jsonl` with `file_name` and `caption` (or `text`) columns).
+  Text files (captions, tables, prompts) are read as UTF-8; a leading byte-order mark is ignored.
+  Folders are walked following symlinks; a folder reached a second time (a symlink loop such as `ln -s . loop`, or a
+  second link to one folder) is not listed again, and a note names it.
+- `max_num_samples` (SimpleTuner's): the items whose keys hash (crc32 of "<id>/<relative path>", ties by key) lowest,
+  so a smaller value keeps a subset of a larger one's pick and a new file changes the pick by at most one item
+  (caches made before this rule picked a random subset: the items it no longer picks become inactive, see
+  wanjax/cache.py).
 - `type: "tfds"` (wanjax): a prepared TFDS dataset, `tfds_name`, `split` ("train"), `data_dir`, `video_key`
   ("video": uint8 (F, H, W, 3) frames, or the bytes of a video file), `caption_key` ("caption"). Read with
   `tfds.data_source`, which needs no tensorflow for array_record datasets with Tensor / Text features
@@ -150,7 +161,7 @@ def read_datasets(spec: str | os.PathLike, defaults: Mapping[str, Any] | None = 
         entries: Any = [{"id": name, "type": "tfds", "tfds_name": name, "split": split or "train"}]
     else:
         try:
-            entries = json.loads(Path(spec).read_text())
+            entries = json.loads(Path(spec).read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise DatasetConfigError(f"data_backend_config={spec!r}: no such file (relative to {os.getcwd()})") from None
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -316,7 +327,7 @@ def read_prompts(path: str | os.PathLike, what: str = "prompts_file") -> list[st
     with caption / prompt / text), in file order."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetConfigError(f"{what}={os.fspath(path)!r}: not readable ({err})") from None
     try:
@@ -366,11 +377,12 @@ def discover(datasets: list[DatasetSpec]) -> Discovery:
 
 
 def _subset(items: list[Item], ds: DatasetSpec) -> list[Item]:
-    """SimpleTuner's max_num_samples: a deterministic subset seeded by the dataset id."""
+    """SimpleTuner's max_num_samples: the items with the lowest crc32(key) (ties by key), in their original order.
+    Stable and nested: a smaller max_num_samples keeps a subset, a new file displaces at most one item."""
     if ds.max_num_samples is None or len(items) <= ds.max_num_samples:
         return items
-    keep = np.random.default_rng(zlib.crc32(ds.id.encode())).choice(len(items), ds.max_num_samples, replace=False)
-    return [items[i] for i in sorted(keep.tolist())]
+    ranked = sorted(range(len(items)), key=lambda i: (zlib.crc32(items[i].key.encode("utf-8")), items[i].key))
+    return [items[i] for i in sorted(ranked[: max(ds.max_num_samples, 0)])]
 
 
 def _discover_local(ds: DatasetSpec, found: Discovery) -> None:
@@ -380,8 +392,21 @@ def _discover_local(ds: DatasetSpec, found: Discovery) -> None:
                                  f"(relative paths are resolved against the working directory {os.getcwd()})")
     wanted = IMAGE_EXTENSIONS if ds.clip.image else VIDEO_EXTENSIONS
     files = []
+    seen: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of every folder listed -> its relative path
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        first = seen.setdefault((st.st_dev, st.st_ino), rel_dir)
+        if first != rel_dir:  # a symlink loop, or a second link to a folder: its files are listed once
+            dirnames[:] = []
+            _note(found.notes, ds.id, rel_dir, f"folder {str(root / rel_dir)!r} is the folder {first!r} of "
+                  "instance_data_dir reached again through a symlink (a loop, or a second link to it): not listed "
+                  "again")
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     cands = []
@@ -396,7 +421,7 @@ def _discover_local(ds: DatasetSpec, found: Discovery) -> None:
     if len(cands) > (ds.max_num_samples or len(cands)):
         keep = {i.key for i in _subset([Item(f"{ds.id}/{r}", ds.id) for r, _ in cands], ds)}
         cands = [(r, p) for r, p in cands if f"{ds.id}/{r}" in keep]
-    table = _caption_table(ds, root)
+    table = _caption_table(ds, root, found.notes)
     multi = 0
     for rel, path in cands:
         key = f"{ds.id}/{rel}"
@@ -410,14 +435,19 @@ def _discover_local(ds: DatasetSpec, found: Discovery) -> None:
     if multi:
         _note(found.notes, ds.id, "caption_strategy", f"{multi} caption files hold several lines: the first line is "
               "used (set disable_multiline_split to use the whole text)")
+    if table is not None:
+        for ident, rels in sorted(table.shared().items()):
+            _note(found.notes, ds.id, f"{ds.caption_strategy}.{table.column}", f"identifier {ident!r} in "
+                  f"{table.path} captions {len(rels)} files: {', '.join(rels)}; give each row its file's extension "
+                  "(or relative path) if they differ")
 
 
-def _caption(ds: DatasetSpec, root: Path, rel: str, path: Path, table: dict | None) -> tuple[str, int]:
+def _caption(ds: DatasetSpec, root: Path, rel: str, path: Path, table: _CaptionTable | None) -> tuple[str, int]:
     lines = 1
     if ds.caption_strategy == "textfile":
         txt = path.with_suffix(".txt")
         try:
-            text = txt.read_text(encoding="utf-8")
+            text = txt.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise Skip("missing_caption", f"no caption file {txt.name}") from None
         except (OSError, UnicodeDecodeError) as e:
@@ -430,8 +460,7 @@ def _caption(ds: DatasetSpec, root: Path, rel: str, path: Path, table: dict | No
     elif ds.caption_strategy == "instanceprompt":
         caption = ds.instance_prompt
     else:
-        ident = os.path.splitext(rel)[0]  # with or without extension in the table: matched by path stem
-        caption = table.get(ident) or table.get(os.path.basename(ident)) or ""
+        caption = table.lookup(rel) or ""
     if ds.only_instance_prompt:
         caption = ds.instance_prompt
     elif ds.prepend_instance_prompt and caption:
@@ -441,8 +470,49 @@ def _caption(ds: DatasetSpec, root: Path, rel: str, path: Path, table: dict | No
     return caption.strip(), lines
 
 
-def _caption_table(ds: DatasetSpec, root: Path) -> dict[str, str] | None:
-    """parquet / jsonl captions: identifier -> caption."""
+_MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS
+
+
+def _strip_media_ext(name: str) -> str | None:
+    """`name` without its extension when that is a known media extension (any case), else None."""
+    stem, ext = os.path.splitext(name)
+    return stem if stem and ext[1:].lower() in _MEDIA_EXTENSIONS else None
+
+
+class _CaptionTable:
+    """parquet / jsonl captions by identifier. `lookup(rel)`: the row of the exact relative path, else of the path
+    without its media extension (rows whose identifier has no media extension), else the same two by file name
+    (rows without a folder). `shared()`: identifiers that matched more than one file."""
+
+    def __init__(self, path: Path, column: str):
+        self.path, self.column = path, column
+        self.exact: dict[str, str] = {}  # identifier as given (relative, "./" dropped) -> caption
+        self.bare: dict[str, str] = {}  # identifiers without a media extension -> caption
+        self.used: dict[str, list[str]] = collections.defaultdict(list)  # identifier -> the files it captions
+
+    def add(self, ident: str, caption: str) -> None:
+        self.exact[ident] = caption
+        if _strip_media_ext(ident) is None:
+            self.bare[ident] = caption
+
+    def lookup(self, rel: str) -> str | None:
+        if rel in self.exact:
+            self.used[rel].append(rel)
+            return self.exact[rel]
+        stem = _strip_media_ext(rel) or rel
+        name, name_stem = os.path.basename(rel), os.path.basename(stem)
+        for ident, table in ((stem, self.bare), (name, self.exact), (name_stem, self.bare)):
+            if ident in table:
+                self.used[ident].append(rel)
+                return table[ident]
+        return None
+
+    def shared(self) -> dict[str, list[str]]:
+        return {k: v for k, v in self.used.items() if len(v) > 1}
+
+
+def _caption_table(ds: DatasetSpec, root: Path, notes: list) -> _CaptionTable | None:
+    """parquet / jsonl captions (see _CaptionTable); notes on identifiers that can never match."""
     if ds.caption_strategy not in ("parquet", "jsonl"):
         return None
     cfg = dict(ds.parquet)
@@ -456,28 +526,57 @@ def _caption_table(ds: DatasetSpec, root: Path) -> dict[str, str] | None:
 
             rows = pq.read_table(path).to_pylist()
         elif path.suffix == ".jsonl":
-            rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            rows = []
+            for n, ln in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+                if ln.strip():
+                    try:
+                        rows.append(json.loads(ln))
+                    except ValueError as e:
+                        raise ValueError(f"line {n}: {e}") from None
         else:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError, ImportError) as e:
         raise DatasetConfigError(f"{ds.id}: caption table {str(path)!r} unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(rows, list):
+        raise DatasetConfigError(f"{ds.id}: caption table {str(path)!r}: expected a list of rows, got "
+                                 f"{type(rows).__name__}")
     fcol, ccol = cfg.get("filename_column", "filename"), cfg.get("caption_column", "caption")
     fallback = cfg.get("fallback_caption_column")
-    table = {}
+    table = _CaptionTable(path, fcol)
+    outside = []
     for row in rows:
         if not isinstance(row, dict) or row.get(fcol) is None:
             continue
-        ident = str(row[fcol])
-        ident = ident[2:] if ident.startswith("./") else ident
-        ident = os.path.splitext(ident)[0]
+        ident = str(row[fcol]).lstrip("\ufeff")
+        if os.path.isabs(ident):  # an absolute path: relative to instance_data_dir when it lies under it
+            rel = _relative_to(ident, root)
+            if rel is None:
+                outside.append(ident)
+                continue
+            ident = rel
+        while ident.startswith("./"):
+            ident = ident[2:]
         cap = row.get(ccol) or (row.get(fallback) if fallback else None)
         if isinstance(cap, (list, tuple)):  # SimpleTuner multi-captions: the first
             cap = next((c for c in cap if c), None)
         if isinstance(cap, bytes):
             cap = cap.decode("utf-8", "replace")
         if cap:
-            table[ident] = str(cap)
+            table.add(ident, str(cap).lstrip("\ufeff"))
+    if outside:
+        _note(notes, ds.id, f"{ds.caption_strategy}.{fcol}", f"{len(outside)} absolute paths in {str(path)!r} are not "
+              f"under instance_data_dir {str(root)!r} and caption nothing (e.g. {outside[0]!r})")
     return table
+
+
+def _relative_to(ident: str, root: Path) -> str | None:
+    """Absolute `ident` as a posix path relative to `root` (also through symlinks), or None when outside it."""
+    for a, b in ((Path(ident), root), (Path(os.path.realpath(ident)), Path(os.path.realpath(root)))):
+        try:
+            return a.relative_to(b).as_posix()
+        except ValueError:
+            pass
+    return None
 
 
 # -- loading ---------------------------------------------------------------------------------------------------

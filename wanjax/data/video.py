@@ -5,6 +5,8 @@ H, W multiples of `ClipSpec.alignment` (VAE spatial factor x 2, the transformer'
 32 px for the Wan2.2 VAE). Steps, in order:
 
 1. decode (PyAV); `frame_stride` > 1 keeps every n-th frame (a wanjax option: SimpleTuner has no frame subsampling).
+   Frames are turned upright by the stream's display rotation (a display matrix, e.g. phone videos: PyAV
+   `frame.rotation` -90 -> 90 degrees clockwise), and the upright size is what steps 3-4 see.
 2. frame count, SimpleTuner's rules: fewer than `min_frames` (default `num_frames`) -> skipped "too_short"; more than
    `max_frames` -> skipped "too_long" (SimpleTuner drops long videos, it does not cut them); keep the first
    `num_frames` (all when unset, then rounded down to a multiple of `frame_interval`, SimpleTuner's
@@ -155,9 +157,11 @@ def _decode_limit(spec: ClipSpec) -> int | None:
 
 
 class _Resizer:
-    """Per-frame resize-to-cover + crop for one source size (swscale, deterministic)."""
+    """Per-frame resize-to-cover + crop for one source size (swscale, deterministic). `width` x `height` is the
+    upright (displayed) size; `turns` quarter turns counterclockwise (np.rot90) make a decoded frame upright."""
 
-    def __init__(self, width: int, height: int, spec: ClipSpec):
+    def __init__(self, width: int, height: int, spec: ClipSpec, turns: int = 0):
+        self.turns = turns % 4
         check_size(width, height, spec)
         self.w, self.h = target_size(width, height, spec)
         s = max(self.w / width, self.h / height)
@@ -167,8 +171,21 @@ class _Resizer:
         self.x0 = 0 if corner else (self.cw - self.w) // 2
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
-        rgb = frame.reformat(width=self.cw, height=self.ch, format="rgb24", interpolation="LANCZOS").to_ndarray()
+        w, h = (self.ch, self.cw) if self.turns % 2 else (self.cw, self.ch)  # the decoded (not upright) orientation
+        rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="LANCZOS").to_ndarray()
+        if self.turns:
+            rgb = np.rot90(rgb, self.turns)
         return rgb[self.y0 : self.y0 + self.h, self.x0 : self.x0 + self.w]
+
+
+def _quarter_turns(frame: av.VideoFrame) -> int:
+    """np.rot90 turns that make `frame` upright: its display rotation (degrees counterclockwise, PyAV's
+    `frame.rotation` from the display matrix) rounded to a multiple of 90."""
+    try:
+        rotation = float(getattr(frame, "rotation", 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+    return int(round(rotation / 90)) % 4
 
 
 def _is_image_container(container: av.container.InputContainer) -> bool:
@@ -196,7 +213,9 @@ def load_clip(source: Source, spec: ClipSpec) -> np.ndarray:
                 if (decoded - 1) % spec.frame_stride:
                     continue
                 if resize is None:
-                    resize = _Resizer(frame.width, frame.height, spec)
+                    turns = _quarter_turns(frame)
+                    w, h = (frame.height, frame.width) if turns % 2 else (frame.width, frame.height)
+                    resize = _Resizer(w, h, spec, turns)
                 keep = limit if limit is not None else spec.num_frames
                 if keep is None or len(frames) < keep:
                     frames.append(resize(frame))
