@@ -4,10 +4,17 @@ the JAX VAE, write `output_dir/validation/step_<N>_<name>[_ema][_<W>x<H>].mp4` a
 SimpleTuner's keys: `validation_step_interval` (0 = off), `validation_prompt`, `validation_negative_prompt`
 (CFG's unconditional prompt; "" when unset, as WanPipeline does), `validation_prompt_library` (JSON
 {nickname: prompt} or {nickname: {"prompt": ...}}), `validation_guidance`, `validation_num_inference_steps`,
-`validation_num_video_frames`, `validation_resolution` ("WxH", an int for square, or a comma-separated list),
-`validation_seed`, `ema_validation` ("none": trained weights; "ema_only": the EMA weights when kept;
-"comparison": both). wanjax's: `validation_scheduler` ("unipc" | "euler", LoRA runs), `validation_flow_shift`
-(None: the pipeline's scheduler_config), `validation_fps`.
+`validation_num_video_frames`, `validation_resolution` ("WxH", an int for square, or a comma-separated list;
+multiples of 16 at parse time, and of 2 x the pipeline VAE's spatial factor (the transformer's patch) once its
+config is read: 32 for the Wan2.2 VAE), `validation_seed`, `ema_validation` ("none": trained weights; "ema_only":
+the EMA weights when kept; "comparison": both). wanjax's: `validation_scheduler` ("unipc" | "euler", LoRA runs),
+`validation_flow_shift` (None: the pipeline's scheduler_config), `validation_fps`.
+
+File names: a nickname keeps its letters, digits and marks in any script (NFC), `_`, `.` and `-`; every other run
+of characters (path separators, spaces, control and shell/filesystem-unsafe characters) becomes one `_`; the name
+is cut to 100 bytes of UTF-8 on a character boundary. When the files of two nicknames would still coincide (also
+ignoring case, for case-insensitive filesystems, and counting the `_ema` / `_<W>x<H>` suffixes), the one needing no
+change (else the earlier) keeps the name and the other gets `-<first 6 hex of sha1(nickname)>`.
 
 Samplers: LoRA runs use `wanjax.sample` (WanPipeline's loop); DMD students the re-noising sampler over their
 sigmas; DCM students Euler over their phase floors (with the detail expert when dual) -- the methods' `sample`.
@@ -23,9 +30,12 @@ process 0 writes the files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +70,75 @@ class ValidationSettings:
     fps: int
 
 
+NAME_MAX_BYTES = 100  # a nickname's part of a file name, UTF-8 (file systems allow 255 bytes in all)
+_SUFFIX_HEX = 6
+
+
+def _truncate_utf8(text: str, max_bytes: int) -> str:
+    """`text` cut to at most `max_bytes` of UTF-8, on a character boundary."""
+    raw = text.encode("utf-8")
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
+
+
+def _name_char_ok(ch: str) -> bool:
+    if ch.isascii():  # ASCII as before: letters, digits, "_", ".", "-"
+        return ch.isalnum() or ch in "_.-"
+    return unicodedata.category(ch)[0] in "LMN"  # letters, marks, numbers of any script; not symbols/format chars
+
+
 def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "prompt"
+    """A nickname as a file-name part: Unicode letters/digits/marks kept, each run of anything else (path
+    separators, spaces, control and filesystem-unsafe characters) one "_", at most NAME_MAX_BYTES of UTF-8."""
+    name = unicodedata.normalize("NFC", name)
+    out, bad = [], False
+    for ch in name:
+        if _name_char_ok(ch):
+            out.append(ch)
+            bad = False
+        elif not bad:
+            out.append("_")
+            bad = True
+    safe = "".join(out).strip("_")
+    return _truncate_utf8(safe, NAME_MAX_BYTES).strip("_") or "prompt"
+
+
+def _video_keys(name: str, ema: str, sizes) -> set[str]:
+    """The `Validator.run` video keys (file names after the step prefix) of prompt `name`, casefolded: two keys
+    equal here would be one file on a case-insensitive file system."""
+    variants = ("",) if ema == "none" else ("", "_ema")  # "ema_only" without EMA weights renders the trained ones
+    size_parts = ("",) if len(sizes) <= 1 else tuple(f"_{w}x{h}" for w, h in sizes)
+    return {(name + e + z).casefold() for e in variants for z in size_parts}
+
+
+def _tag(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:_SUFFIX_HEX]
+
+
+def file_names(nicknames: list[str], *, ema: str = "none", sizes=()) -> list[str]:
+    """File-safe, distinct names for `nicknames` (see the module docstring): `_safe_name`, then a nickname whose
+    videos would share a file with an earlier claimed one gets `-<sha1(nickname)[:6]>` (stable whatever the order);
+    nicknames that `_safe_name` leaves unchanged claim first, so a literal name is never the one renamed."""
+    bases = [_safe_name(n) for n in nicknames]
+    order = sorted(range(len(nicknames)), key=lambda i: (bases[i] != nicknames[i], i))
+    owner: dict[str, int] = {}  # casefolded video key -> index of the nickname holding it
+    out: list[str] = [""] * len(nicknames)
+    for i in order:
+        stem = _truncate_utf8(bases[i], NAME_MAX_BYTES - 1 - _SUFFIX_HEX).rstrip("_")
+        candidates = [bases[i]] + [f"{stem}-{_tag(x)}" for x in (nicknames[i], f"{i}:{nicknames[i]}")]
+        for name in candidates:
+            if not _video_keys(name, ema, sizes) & owner.keys():
+                break
+        else:
+            j = owner[min(_video_keys(bases[i], ema, sizes) & owner.keys())]
+            raise ValidationConfigError(f"validation prompt nicknames {nicknames[j]!r} and {nicknames[i]!r} make the "
+                                        f"same video file name {bases[i]!r} even with a suffix: rename one of them")
+        if name != bases[i]:
+            logger.warning("validation prompt nickname %r: its video files would coincide with those of %r (as %r, "
+                           "counting _ema / _WxH suffixes and ignoring case): named %r instead", nicknames[i],
+                           nicknames[owner[min(_video_keys(bases[i], ema, sizes) & owner.keys())]], bases[i], name)
+        owner.update(dict.fromkeys(_video_keys(name, ema, sizes), i))
+        out[i] = name
+    return out
 
 
 def parse_resolution(value) -> tuple[tuple[int, int], ...]:
@@ -82,9 +159,18 @@ def parse_resolution(value) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:  # json.loads would keep the last silently: a prompt would vanish from validation
+            raise ValueError(f"key {k!r} appears twice")
+        seen[k] = v
+    return seen
+
+
 def prompt_library(path: str) -> dict[str, str]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
     except (OSError, ValueError) as e:
         raise ValidationConfigError(f"validation_prompt_library={path!r}: unreadable ({e})") from None
     if not isinstance(data, dict):
@@ -103,18 +189,15 @@ def settings_from_config(config) -> ValidationSettings | None:
     interval = int(config.validation_step_interval or 0)
     if interval <= 0:
         return None
-    prompts: list[tuple[str, str]] = []
+    prompts: list[tuple[str, str]] = []  # (nickname, text); file-safe names below, once sizes and EMA are known
     if config.validation_prompt:
         prompts.append(("validation", str(config.validation_prompt)))
     lib = config.validation_prompt_library
     if lib and str(lib).lower() not in ("false", "none", "true"):
-        prompts += [(_safe_name(k), v) for k, v in prompt_library(str(lib)).items()]
+        prompts += list(prompt_library(str(lib)).items())
     if not prompts:
         raise ValidationConfigError(f"validation_step_interval={interval} but there is no validation_prompt or "
                                     "validation_prompt_library: nothing to validate")
-    names = [n for n, _ in prompts]
-    if len(set(names)) != len(names):
-        raise ValidationConfigError(f"validation prompt nicknames {names} collide after making them file-safe")
     ema = str(config.ema_validation or "none")
     if ema not in EMA_CHOICES:
         raise ValidationConfigError(f"ema_validation={ema!r}: expected one of {EMA_CHOICES}")
@@ -127,23 +210,55 @@ def settings_from_config(config) -> ValidationSettings | None:
         frames = frames // 4 * 4 + 1
     sizes = parse_resolution(config.validation_resolution)
     for w, h in sizes:
-        if w % 16 or h % 16:
+        if w < 16 or h < 16 or w % 16 or h % 16:  # every Wan VAE: Validator checks the pipeline's own multiple
             raise ValidationConfigError(f"validation_resolution {w}x{h}: width and height must be multiples of 16 "
-                                        "(the VAE's 8x downsampling times the 2x2 patch)")
+                                        "(the VAE's 8x downsampling times the 2x2 patch), at least 16")
+    if len(set(sizes)) != len(sizes):  # the same size twice would write the same files twice
+        logger.warning("validation_resolution=%r lists a size twice: each is rendered once", config.validation_resolution)
+        sizes = tuple(dict.fromkeys(sizes))
+    names = file_names([n for n, _ in prompts], ema=ema, sizes=sizes)
+    prompts = [(name, text) for name, (_, text) in zip(names, prompts)]
     steps = int(config.validation_num_inference_steps)
     if steps < 1:
         raise ValidationConfigError(f"validation_num_inference_steps={steps}: expected >= 1")
+    guidance = float(config.validation_guidance)
+    if not math.isfinite(guidance):  # inf: NaN latents, a black video; nan: CFG silently off
+        raise ValidationConfigError(f"validation_guidance={guidance}: expected a finite number (<= 1: no CFG)")
     if config.validation_scheduler not in ("unipc", "euler"):
         raise ValidationConfigError(f"validation_scheduler={config.validation_scheduler!r}: expected unipc | euler")
     shift = config.validation_flow_shift
-    if shift is not None and not float(shift) > 0:
-        raise ValidationConfigError(f"validation_flow_shift={shift}: expected > 0")
+    if shift is not None and not (math.isfinite(float(shift)) and float(shift) > 0):
+        raise ValidationConfigError(f"validation_flow_shift={shift}: expected a finite number > 0")
+    fps = config.validation_fps
+    if not ((isinstance(fps, int) and not isinstance(fps, bool)) or (isinstance(fps, float) and fps.is_integer())) \
+            or fps < 1:
+        raise ValidationConfigError(f"validation_fps={fps!r}: expected an integer >= 1")  # not at every round
     return ValidationSettings(
         interval=interval, prompts=tuple(prompts), negative_prompt=str(config.validation_negative_prompt or ""),
-        guidance=float(config.validation_guidance), steps=steps, sizes=sizes, frames=frames,
+        guidance=guidance, steps=steps, sizes=sizes, frames=frames,
         seed=int(config.validation_seed if config.validation_seed is not None else config.seed), ema=ema,
-        scheduler=str(config.validation_scheduler), flow_shift=None if shift is None else float(shift),
-        fps=int(config.validation_fps))
+        scheduler=str(config.validation_scheduler), flow_shift=None if shift is None else float(shift), fps=int(fps))
+
+
+def check_video_size(settings: ValidationSettings, vae_config, patch_size=(1, 2, 2)) -> None:
+    """Refuse sizes the pipeline cannot render (ValidationConfigError naming the key, the value and the multiple):
+    width and height multiples of lcm(2 x the VAE's spatial factor, its spatial factor x the transformer's patch)
+    -- the caching job's alignment, 16 for Wan2.1's 8x VAE, 32 for Wan2.2's 16x -- and latent frames a multiple
+    of the transformer's temporal patch."""
+    sf, tf = int(vae_config.spatial_factor), int(vae_config.temporal_factor)
+    pt, ph, pw = (int(p) for p in patch_size)
+    mh, mw = math.lcm(2 * sf, sf * ph), math.lcm(2 * sf, sf * pw)
+    why = f"2 x the VAE's {sf}x spatial downsampling" + (f", its {ph}x{pw} patch" if max(ph, pw) > 2 else "")
+    for w, h in settings.sizes:
+        if w % mw or h % mh:
+            near = f"{max(mw, round(w / mw) * mw)}x{max(mh, round(h / mh) * mh)}"
+            need = f"multiples of {mw}" if mw == mh else f"multiples of {mw} (width) and {mh} (height)"
+            raise ValidationConfigError(f"validation_resolution {w}x{h}: width and height must be {need} for this "
+                                        f"pipeline ({why}); e.g. {near}")
+    latent_frames = (settings.frames - 1) // tf + 1
+    if latent_frames % pt:
+        raise ValidationConfigError(f"validation_num_video_frames={settings.frames}: {latent_frames} latent frames "
+                                    f"(the VAE's {tf}x), not a multiple of the transformer's temporal patch {pt}")
 
 
 def pipeline_root(model: str, parts: tuple[str, ...]) -> Path:
@@ -164,6 +279,17 @@ def pipeline_root(model: str, parts: tuple[str, ...]) -> Path:
     except Exception as e:  # offline, unknown repo, auth: many exception types
         raise ValidationConfigError(f"pretrained_model_name_or_path={model!r}: fetching {list(parts)} for validation "
                                     f"failed ({type(e).__name__}: {e})") from None
+
+
+def _read_vae_config(pipeline: Path):
+    from wanjax.models.vae import VaeConfig
+
+    path = pipeline / "vae" / "config.json"
+    try:
+        return VaeConfig.from_diffusers(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValidationConfigError(f"{path}: unreadable VAE config ({e}); validation reads it for the video "
+                                    "sizes the pipeline can render") from None
 
 
 def _pipeline_flow_shift(pipeline: Path) -> float:
@@ -212,6 +338,8 @@ class Validator:
         self.s = settings
         self.dir = Path(output_dir) / "validation"
         root = pipeline_root(pipeline, ("vae",))
+        # the VAE's config first (one small JSON): sizes this pipeline cannot render are refused before UMT5 runs
+        check_video_size(settings, _read_vae_config(root), tuple(getattr(model_config, "patch_size", (1, 2, 2))))
         self.flow_shift = settings.flow_shift if settings.flow_shift is not None else _pipeline_flow_shift(root)
         texts = [t for _, t in settings.prompts] + [settings.negative_prompt]
         emb = prompt_embeddings(texts, cache_dir=cache_dir, pipeline=pipeline, text_len=text_len)
