@@ -14,6 +14,11 @@ draw 0 is the initial latents, draw i + 1 the noise of step i (`torch_noises` gi
 
   python scripts/run_student_diffusers.py --model PIPELINE_DIR --lora student.safetensors --kind dmd \
       --sigmas 1.0,0.94,0.85 --prompt "a cat" --out latents.npy      # or video.mp4 (needs the pipeline's VAE)
+
+DCM dual experts (`--lora-switch detail_expert_lora_weights.safetensors`): the detail expert runs the steps the
+run's meta `student.experts` names "detail" (`--experts semantic,semantic,detail,detail`), else the steps that
+start at sigma <= `--switch-sigma` (the trainer's rule). Videos are written with wanjax.video_out (PyAV), `--fps`
+(16; Wan2.2 TI2V-5B: 24).
 """
 
 from __future__ import annotations
@@ -137,17 +142,23 @@ def run_student(
     generator: torch.Generator | None = None,
     adapters: tuple[str, str] | None = None,
     switch_sigma: float | None = None,
+    experts: Sequence[str] | None = None,
     output_type: str = "latent",
 ):
     """Run the student: kind "dmd" (re-noising) or "dcm" (Euler) over `sigmas`, from `latents` (B, C, F, H, W),
     without CFG. dmd noise: `step_noises` (N - 1 or N, *latents.shape), else `generator`, else torch's global RNG.
-    Dual experts: `adapters=(first, second)` (loaded names) and the second runs the steps with sigma < switch_sigma.
+    Dual experts: `adapters=(first, second)` (loaded names); the second (detail) runs the steps `experts` (the
+    run's meta `student.experts`) names "detail", else those with sigma <= switch_sigma (as the trainer).
     Returns what the pipeline returns for `output_type` ("latent": the float32 latents tensor)."""
     if kind not in ("dmd", "dcm"):
         raise ValueError(f"kind={kind!r}: expected 'dmd' or 'dcm'")
-    if (adapters is None) != (switch_sigma is None):
-        raise ValueError("dual experts need both adapters=(first, second) and switch_sigma")
+    if (adapters is None) != (switch_sigma is None and experts is None):
+        raise ValueError("dual experts need both adapters=(first, second) and switch_sigma or experts")
     sig = parse_sigmas(sigmas)
+    if experts is not None:
+        experts = [str(e) for e in experts]
+        if len(experts) != len(sig) or not set(experts) <= {"semantic", "detail"}:
+            raise ValueError(f"experts={experts}: expected {len(sig)} entries, each 'semantic' or 'detail'")
     pipe.scheduler = FixedSigmasScheduler.for_student(sig, stochastic=kind == "dmd", step_noises=step_noises,
                                                       generator=generator)
     latents = torch.as_tensor(np.asarray(latents, np.float32)) if isinstance(latents, np.ndarray) else latents
@@ -157,7 +168,8 @@ def run_student(
     callback = None
     if adapters is not None:
         def expert(i: int) -> str:
-            return adapters[1] if sig[i] < switch_sigma else adapters[0]
+            detail = experts[i] == "detail" if experts is not None else sig[i] <= switch_sigma
+            return adapters[1] if detail else adapters[0]
 
         def callback(pipeline, i, t, kw):  # after step i: the adapter for step i + 1
             if i + 1 < len(sig):
@@ -180,8 +192,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lora", required=True, help="the student LoRA (diffusers format)")
     p.add_argument("--kind", required=True, choices=("dmd", "dcm"))
     p.add_argument("--sigmas", required=True, help='the student step sigmas, e.g. "1.0,0.94,0.85"')
-    p.add_argument("--lora-switch", help="dcm dual experts: the adapter for sigma < --switch-sigma")
-    p.add_argument("--switch-sigma", type=float)
+    p.add_argument("--lora-switch", help="dcm dual experts: the detail expert's LoRA (steps at sigma <= "
+                                          "--switch-sigma, or those --experts names 'detail')")
+    p.add_argument("--switch-sigma", type=float, help="the run's meta student.switch_sigma")
+    p.add_argument("--experts", help="the run's meta student.experts, e.g. semantic,semantic,detail,detail "
+                                     "(wins over --switch-sigma)")
     p.add_argument("--prompt", default="")
     p.add_argument("--prompt-embeds", help=".npy (B, L, text_dim) text embeddings instead of --prompt")
     p.add_argument("--height", type=int, default=480)
@@ -193,9 +208,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help=".npy (latents) or .mp4 (decoded video)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of an .mp4 (16; Wan2.2 TI2V-5B: 24)")
     a = p.parse_args(argv)
-    if (a.lora_switch is None) != (a.switch_sigma is None):
-        p.error("--lora-switch and --switch-sigma go together")
+    if (a.lora_switch is None) != (a.switch_sigma is None and a.experts is None):
+        p.error("--lora-switch goes with --switch-sigma and/or --experts")
+    if not a.out.endswith((".npy", ".mp4")):
+        p.error(f"--out {a.out}: expected a .npy (latents) or .mp4 (video) file")
+    if a.fps < 1:
+        p.error(f"--fps {a.fps}: expected >= 1")
+    experts = [e for e in a.experts.replace(" ", "").split(",") if e] if a.experts else None
 
     skip = {}  # components this run does not need are not loaded
     if a.prompt_embeds:
@@ -224,15 +245,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         pipe, kind=a.kind, sigmas=a.sigmas, latents=latents.to(a.device),
         prompt=None if embeds is not None else a.prompt, prompt_embeds=embeds,
         step_noises=np.load(a.step_noises) if a.step_noises else None, generator=g,
-        adapters=(first, second) if second else None, switch_sigma=a.switch_sigma,
+        adapters=(first, second) if second else None, switch_sigma=a.switch_sigma, experts=experts,
         output_type="latent" if a.out.endswith(".npy") else "np",
     )
     if a.out.endswith(".npy"):
         np.save(a.out, out.float().cpu().numpy())
-    else:
-        from diffusers.utils import export_to_video
+    else:  # "np": (B, F, H, W, 3) floats in [0, 1]; rounded to uint8 as diffusers' PIL path does
+        from wanjax import video_out
 
-        export_to_video(out[0], a.out, fps=16)
+        frames = np.round(np.clip(np.asarray(out[0], np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+        video_out.write_mp4(a.out, frames, fps=a.fps)
     print(f"wrote {a.out}")
 
 

@@ -272,3 +272,88 @@ def test_only_process_zero_pushes(calls, tmp_path, monkeypatch, caplog):
     assert pusher.push_final(out, ["pytorch_lora_weights.safetensors"], "card") is False
     assert pusher.push_checkpoint(4, [out / "pytorch_lora_weights.safetensors"]) is False
     assert calls == [] and not (out / "README.md").exists()
+
+
+def _dcm_config(**over):
+    d = {"distillation_method": "dcm", "model_type": "lora", "lora_rank": 4, "model_flavour": "t2v-480p-1.3b-2.1",
+         "distillation_config": {"mode": "semantic", "multiphase": 4, "dual_experts": True, "expert_boundary": 0.7}}
+    d.update(over)
+    return d
+
+
+def test_dcm_card_sigmas_drop_trailing_zero_and_dual_expert_note():
+    sig = [1.0, 0.9807692170143127, 0.9444444179534912, 0.8500000238418579, 0.0]  # DCM meta: ends in 0
+    meta = {"method": "dcm", "student": {"sigmas": sig, "switch_sigma": sig[2],
+                                         "experts": ["semantic", "semantic", "detail", "detail"]}}
+    text = hub.card_from_config(_dcm_config(), repo_id="user/wan-dcm", steps=10, meta=meta)
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f"sigmas={sig[:-1]!r}" in code and "num_inference_steps=4" in code and ", 0.0]" not in code
+    assert "- Student sigmas: `1.0, 0.9807692170143127, 0.9444444179534912, 0.8500000238418579`" in text
+    assert f"start at sigma <= {sig[2]}" in text and "below sigma" not in text
+    assert "semantic, semantic, detail, detail" in text
+
+
+def test_card_without_namespace_uses_placeholder():
+    text = hub.card_from_config(_dcm_config(), repo_id="wan-dcm", steps=1, meta={"method": "dcm"})
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "pipe.load_lora_weights('YOUR_USERNAME/wan-dcm')" in code and "'wan-dcm'" not in code
+    assert "replace `YOUR_USERNAME`" in text
+    text = hub.card_from_config(_dcm_config(), repo_id="me/wan-dcm", steps=1, meta={"method": "dcm"})
+    assert "YOUR_USERNAME" not in text and "load_lora_weights('me/wan-dcm')" in text
+
+
+@pytest.mark.parametrize("flavour", ["t2v-a14b-2.2-high", "t2v-a14b-2.2-low"])
+def test_a14b_student_card_runs_every_step_on_the_lora_expert(tmp_path, flavour):
+    """The student card's snippet, run on a tiny two-expert (boundary_ratio) pipeline: every student step runs the
+    expert the LoRA adapts (high: transformer, low: transformer_2's weights), with the LoRA loaded."""
+    import diffusers
+    import jax
+    import numpy as np
+    import torch
+
+    import reference as ref
+    import wanjax
+
+    cfg = ref.T2V
+    base = tmp_path / "pipe22"
+    diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                          transformer=ref.make_model(cfg, seed=0), transformer_2=ref.make_model(cfg, seed=1),
+                          boundary_ratio=0.875).save_pretrained(base)
+    config, _ = wanjax.load_transformer(base, subfolder="transformer")
+    (tmp_path / "repo").mkdir()
+    wanjax.save_lora(wanjax.init_lora(config, jax.random.key(0), rank=2, alpha=2.0),
+                     tmp_path / "repo" / "pytorch_lora_weights.safetensors")
+    meta = {"method": "dmd", "student": {"sigmas": [1.0, 0.9, 0.8]}}
+    c = {"distillation_method": "dmd", "model_type": "lora", "model_flavour": flavour}
+    text = hub.card_from_config(c, repo_id="user/wan22-dmd", steps=1, meta=meta)
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "transformer_2=None, boundary_ratio=None" in code and "load_into_transformer_2" not in code
+    code = (code.replace("'Wan-AI/Wan2.2-T2V-A14B-Diffusers'", repr(str(base)))
+            .replace("'user/wan22-dmd'", repr(str(tmp_path / "repo"))).replace("pipe.to('cuda')", "pipe.to('cpu')")
+            .replace("torch.bfloat16", "torch.float32").replace("prompt=", "prompt_embeds=EMB, negative_prompt=")
+            .replace("transformer_2=None,", "transformer_2=None, vae=None, text_encoder=None, tokenizer=None,")
+            .replace("num_inference_steps=3", "height=32, width=48, num_frames=9, output_type='latent', "
+                                              "num_inference_steps=3")
+            .replace(".frames[0]", ".frames").split("export_to_video(video")[0])
+    seen = []
+    orig = diffusers.WanTransformer3DModel.forward
+
+    def fwd(self, hidden_states, timestep, *a, **k):
+        seen.append((self, bool(getattr(self, "peft_config", None))))
+        return orig(self, hidden_states, timestep, *a, **k)
+
+    emb = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 7, cfg["text_dim"]), dtype=np.float32))
+    ns = {"EMB": emb}
+    try:
+        diffusers.WanTransformer3DModel.forward = fwd
+        exec(code, ns)
+    finally:
+        diffusers.WanTransformer3DModel.forward = orig
+    pipe = ns["pipe"]
+    assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None
+    assert len(seen) == 3 and all(m is pipe.transformer and lora for m, lora in seen)
+    want = ref.make_model(cfg, seed=1 if flavour.endswith("low") else 0).state_dict()
+    got = pipe.transformer.state_dict()
+    key = "patch_embedding.weight"
+    assert torch.equal(got.get(key, got.get("patch_embedding.base_layer.weight")), want[key])

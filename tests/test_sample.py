@@ -2,6 +2,7 @@
 output_type="latent") on tiny random models (UniPC / Euler, CFG or not, LoRA, Wan2.2 two experts); the CLI writes a
 playable mp4 and refuses bad inputs by name."""
 
+import json
 import os
 import subprocess
 import sys
@@ -272,3 +273,61 @@ def test_cli_bad_model(tmp_path, capsys):
     (tmp_path / "half" / "transformer").mkdir()
     assert sample_mod.main(["--model", str(tmp_path / "half"), "--prompt", "p", "--out", "x.mp4"]) == 2
     assert "missing subfolder(s) vae, text_encoder, tokenizer" in capsys.readouterr().err
+
+
+def _no_models(monkeypatch):
+    """--out / --lora problems must be found before any transformer is loaded."""
+    import wanjax.transformer_io as tio
+
+    def boom(*a, **k):
+        raise AssertionError("models loaded before the arguments were checked")
+
+    monkeypatch.setattr(tio, "load_transformer", boom)
+
+
+@pytest.mark.parametrize("out,message", [
+    ("vid.webm", "expected a .mp4 file"),
+    ("vid.gif", "expected a .mp4 file"),
+    ("noext", "expected a .mp4 file"),
+    ("/proc/nope/x.mp4", "cannot create the folder /proc/nope"),
+])
+def test_cli_out_checked_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, out, message):
+    _no_models(monkeypatch)
+    out = out if out.startswith("/") else str(tmp_path / out)
+    argv = ["--model", str(tiny_dir / "pipeline"), "--prompt", "p", "--out", out]
+    assert sample_mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out") and message in err
+
+
+def test_resolve_out_folders(tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert sample_mod.resolve_out(str(tmp_path / "exists")) == tmp_path / "exists" / "sample.mp4"
+    new = sample_mod.resolve_out(str(tmp_path / "newfolder") + "/")
+    assert new == tmp_path / "newfolder" / "sample.mp4" and (tmp_path / "newfolder").is_dir()
+    assert sample_mod.resolve_out(str(tmp_path / "a" / "b" / "v.MP4")) == tmp_path / "a" / "b" / "v.MP4"
+    assert (tmp_path / "a" / "b").is_dir()
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # root can write anyway
+            with pytest.raises(sample_mod.UsageError, match="not writable"):
+                sample_mod.resolve_out(str(tmp_path / "ro" / "x.mp4"))
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
+    assert "sample.mp4" in sample_mod._parser().format_help()
+
+
+def test_cli_lora_for_another_architecture_is_a_usage_error(tiny_dir, tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    from wanjax.models.config import WanConfig
+
+    cfg = WanConfig.from_diffusers(json.loads((tiny_dir / "pipeline" / "transformer" / "config.json").read_text()))
+    other = dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads * 2)
+    wanjax.save_lora(wanjax.init_lora(other, jax.random.key(0), rank=2, alpha=2.0), tmp_path / "other.safetensors")
+    _no_models(monkeypatch)
+    argv = ["--model", str(tiny_dir / "pipeline"), "--prompt", "p", "--out", str(tmp_path / "x.mp4"),
+            "--lora", str(tmp_path / "other.safetensors")]
+    assert sample_mod.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: --lora: ")

@@ -227,3 +227,85 @@ def test_cli_seeded_dmd_matches_renoise_sample(model, tmp_path):
                     jnp.asarray(draws[1:]), loras[0])
     assert got.shape == SHAPE
     assert ref.rel_err(want, got) < TOL
+
+
+def _expert_toy(adapter, x, sigma, ctx):
+    """v = w: the adapter each step used is readable from the result (w differs per adapter)."""
+    return jnp.broadcast_to(jnp.asarray(adapter["w"], jnp.float32), x.shape)
+
+
+def test_dcm_switch_step_runs_the_detail_expert_as_the_trainer():
+    """The step that starts at sigma == switch_sigma (meta's switch_sigma is a grid point) belongs to the detail
+    expert, as losses.dcm.dcm_student_experts / dcm_sample assign it; the samplers follow, by the sigma rule and by
+    the meta's per-step experts list."""
+    from wanjax.losses import dcm as dcmlib
+
+    cfg = dcmlib.DCMConfig(dual_experts=True)
+    sig = students.step_sigmas(dcmlib.dcm_student_sigmas(cfg))
+    switch = float(dcmlib.dcm_grid(cfg)[dcmlib.split_index(cfg)])  # methods/dcm.py's meta switch_sigma
+    experts = list(dcmlib.dcm_student_experts(cfg))
+    assert switch in sig.tolist() and experts.count("detail") >= 1
+    w = {"semantic": 1.0, "detail": 100.0}
+    noise = jnp.zeros((1, 1, 1, 1, 1))
+    full = np.append(sig, 0.0)
+    want = sum((full[i + 1] - full[i]) * w[e] for i, e in enumerate(experts))
+    gen, det = {"w": jnp.float32(w["semantic"])}, {"w": jnp.float32(w["detail"])}
+    eager = students.euler_loop(_expert_toy, gen, noise, None, sig, det, switch)
+    traced = jax.jit(lambda s: students.euler_loop(_expert_toy, gen, noise, None, s, det, switch))(jnp.asarray(sig))
+    listed = students.euler_loop(_expert_toy, gen, noise, None, sig, det, None, experts)
+    for got in (eager, traced, listed):
+        np.testing.assert_allclose(float(np.asarray(got).ravel()[0]), want, rtol=1e-5)
+    with pytest.raises(ValueError, match="experts"):
+        students.euler_loop(_expert_toy, gen, noise, None, sig, det, None, experts[:-1])
+
+
+def test_diffusers_script_switch_step_runs_the_detail_expert(model):
+    """run_student_diffusers: the adapter of the step at sigma == switch_sigma is the second (detail) one, as the
+    manual loop over the meta experts list; `experts=` gives the same."""
+    config, params, loras, paths, base, noise, embeds = model
+    experts = ["semantic", "semantic", "detail", "detail"]
+    switch = float(DCM_SIGMAS[2])  # exactly a step sigma, as DCM's meta switch_sigma
+    pipe, names = pipeline(base, *paths)
+    used = []
+    orig = pipe.set_adapters
+
+    def spy(name, *a, **k):
+        used.append(name)
+        return orig(name, *a, **k)
+
+    pipe.set_adapters = spy
+    got = rsd.run_student(pipe, kind="dcm", sigmas=DCM_SIGMAS, latents=noise, prompt_embeds=embeds,
+                          adapters=names, switch_sigma=switch)
+    assert used == [names[1] if e == "detail" else names[0] for e in experts]
+    got_list = rsd.run_student(pipe, kind="dcm", sigmas=DCM_SIGMAS, latents=noise, prompt_embeds=embeds,
+                               adapters=names, experts=experts)
+    want = students.euler_sample(config, params, jnp.asarray(noise), jnp.asarray(embeds), DCM_SIGMAS,
+                                 lora=loras[0], lora_switch=loras[1], experts=experts)
+    assert ref.rel_err(want, got.numpy()) < TOL
+    assert ref.rel_err(want, got_list.numpy()) < TOL
+    by_sigma = students.euler_sample(config, params, jnp.asarray(noise), jnp.asarray(embeds), DCM_SIGMAS,
+                                     lora=loras[0], lora_switch=loras[1], switch_sigma=switch)
+    np.testing.assert_allclose(np.asarray(by_sigma), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_cli_writes_playable_mp4_with_fps(tmp_path):
+    """`--out video.mp4` is written with wanjax.video_out (PyAV; no imageio/OpenCV needed) at --fps."""
+    import av
+
+    from wanjax import tiny
+
+    pipe_dir = tiny.ensure_assets(Path(__file__).parents[1] / "cache" / "tiny-wan") / "pipeline"
+    config, _ = wanjax.load_transformer(pipe_dir, subfolder="transformer", dtype=jnp.float32)
+    lora = wanjax.init_lora(config, jax.random.key(0), rank=2, alpha=2.0)
+    wanjax.save_lora(lora, tmp_path / "lora.safetensors")
+    out = tmp_path / "video.mp4"
+    rsd.main(["--model", str(pipe_dir), "--lora", str(tmp_path / "lora.safetensors"), "--kind", "dcm",
+              "--sigmas", "1.0,0.9,0.5", "--prompt", "a cat", "--height", "32", "--width", "48", "--frames", "9",
+              "--dtype", "float32", "--device", "cpu", "--fps", "24", "--out", str(out)])
+    with av.open(str(out)) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        assert stream.average_rate == 24
+    assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    with pytest.raises(SystemExit):
+        rsd.main(["--model", str(pipe_dir), "--lora", "x", "--kind", "dcm", "--sigmas", "1.0", "--out", "v.webm"])

@@ -9,6 +9,7 @@ Upload failures are logged and reported as `False`, never raised. Only process 0
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -60,17 +61,51 @@ def _settings_lines(settings: dict, indent: int = 0) -> list[str]:
     return lines
 
 
+PLACEHOLDER_NAMESPACE = "YOUR_USERNAME"
+
+
+def snippet_repo_id(repo_id: str) -> str:
+    """The repo id the card's snippet loads: `repo_id` when it has a namespace ("user/name"), else
+    "YOUR_USERNAME/name" (a bare name is no loadable hub id; the reader fills in the namespace)."""
+    return repo_id if "/" in repo_id else f"{PLACEHOLDER_NAMESPACE}/{repo_id}"
+
+
+def step_sigmas(sigmas) -> list[float]:
+    """A student's step sigmas as diffusers' `set_timesteps(sigmas=...)` takes them: a trailing 0 (DCM's meta
+    grid ends in it) dropped, since diffusers appends the terminal 0 itself (with it, N + 1 model evaluations)."""
+    s = [float(x) for x in sigmas]
+    while len(s) > 1 and s[-1] == 0:
+        s.pop()
+    return s
+
+
 def _usage(*, base_model: str, method: str, repo_id: str, lora: bool, prompt: str, sampling: dict,
-           transformer: str) -> str:
+           transformer: str, single_expert: bool = False) -> str:
     i2v = "i2v" in base_model.lower() and "ti2v" not in base_model.lower()
     pipeline = "WanImageToVideoPipeline" if i2v else "WanPipeline"
     fps = 24 if "ti2v" in base_model.lower() else 16
     sampling = dict(sampling)
     sigmas = sampling.pop("sigmas", None)
-    imports = [f"from diffusers import {pipeline}" + (", FlowMatchEulerDiscreteScheduler" if sigmas else "")]
+    sigmas = step_sigmas(sigmas) if sigmas else None
+    low = single_expert and transformer == "transformer_2"
+    classes = [pipeline, *(["WanTransformer3DModel"] if low else []),
+               *(["FlowMatchEulerDiscreteScheduler"] if sigmas else [])]
+    imports = [f"from diffusers import {', '.join(classes)}"]
     imports.append("from diffusers.utils import export_to_video" + (", load_image" if i2v else ""))
     lines = ["import torch", *imports, ""]
-    if lora:
+    if lora and single_expert:
+        # the weights adapt one expert of a two-expert (Wan 2.2 A14B) base: load that expert alone, so that every
+        # step runs on it (the two-expert pipeline would hand the steps below boundary_ratio to the other one)
+        lines.append(f"# every step on the {transformer} expert this LoRA adapts: no transformer_2, no boundary")
+        kw = "transformer_2=None, boundary_ratio=None, torch_dtype=torch.bfloat16"
+        if low:
+            lines += [f"transformer = WanTransformer3DModel.from_pretrained({base_model!r}, subfolder='transformer_2', "
+                      "torch_dtype=torch.bfloat16)",
+                      f"pipe = {pipeline}.from_pretrained({base_model!r}, transformer=transformer, {kw})"]
+        else:
+            lines.append(f"pipe = {pipeline}.from_pretrained({base_model!r}, {kw})")
+        lines.append(f"pipe.load_lora_weights({repo_id!r})")
+    elif lora:
         extra = ", load_into_transformer_2=True" if transformer == "transformer_2" else ""
         lines += [f"pipe = {pipeline}.from_pretrained({base_model!r}, torch_dtype=torch.bfloat16)",
                   f"pipe.load_lora_weights({repo_id!r}{extra})"]
@@ -103,6 +138,7 @@ def model_card(
     sampling: dict | None = None,
     transformer: str = "transformer",
     note: str | None = None,
+    single_expert: bool = False,
 ) -> str:
     """README.md text for the hub repo: YAML front matter (base model, tags, widget with the validation videos)
     and a body with the method, the training settings and a diffusers snippet.
@@ -111,7 +147,11 @@ def model_card(
     validation: [{"prompt": str, "path": mp4 path relative to the repo root}].
     sampling: keyword arguments of the pipeline call in the snippet (num_inference_steps, guidance_scale,
       negative_prompt, ...); "sigmas" installs a scheduler pinned to a distilled student's step sigmas.
-    transformer: "transformer_2" when the LoRA adapts Wan 2.2's low-noise expert (load_into_transformer_2)."""
+    transformer: "transformer_2" when the LoRA adapts Wan 2.2's low-noise expert (load_into_transformer_2).
+    single_expert: the base has two experts (Wan 2.2 A14B) but the weights are meant to run every step on
+      `transformer` (a few-step student): the snippet loads that expert alone (transformer_2=None,
+      boundary_ratio=None; the low-noise one from subfolder transformer_2).
+    repo_id without a namespace ("name"): the snippet loads "YOUR_USERNAME/name" and the card says to fill it in."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
     validation = list(validation or [])
@@ -153,13 +193,17 @@ def model_card(
     body = [f"# {repo_id}", "", about]
     if note:
         body += ["", note.strip()]
+    load_id = snippet_repo_id(repo_id)
+    if load_id != repo_id:
+        body += ["", f"The snippet below loads `{load_id}`: replace `{PLACEHOLDER_NAMESPACE}` with the namespace "
+                     "(user or organisation) this repository was uploaded to."]
     if validation:
         body += ["", "## Validation", "", "Videos sampled with the weights in this repository:", "",
                  *(f"- `{v['path']}`: {v['prompt'] or '(blank prompt)'}" for v in validation), "", "<Gallery />"]
     body += ["", "## Training settings", "", *_settings_lines(settings)]
     prompt = next((v["prompt"] for v in validation if v.get("prompt")), "A cat walks on the grass, realistic style.")
-    usage = _usage(base_model=base_model, method=method, repo_id=repo_id, lora=lora, prompt=prompt,
-                   sampling=sampling, transformer=transformer)
+    usage = _usage(base_model=base_model, method=method, repo_id=load_id, lora=lora, prompt=prompt,
+                   sampling=sampling, transformer=transformer, single_expert=single_expert)
     body += ["", "## Inference", "", "```python", usage, "```", ""]
     return f"---\n{header}---\n\n" + "\n".join(body)
 
@@ -209,7 +253,7 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
             "Generator update interval": d.get("generator_update_interval"),
             "Timestep ratio range": f"{d.get('min_timestep_ratio')} - {d.get('max_timestep_ratio')}",
             "Training latent frames": d.get("num_training_frames"),
-            "Student sigmas": student.get("sigmas"),
+            "Student sigmas": step_sigmas(student["sigmas"]) if student.get("sigmas") else None,
         }
     elif method == "dcm":
         settings["DCM"] = {
@@ -220,22 +264,40 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
             "Consistency target": d.get("target_model"),
             "Adversarial weight": d.get("adv_weight") if d.get("mode") == "fine" else None,
             "Dual experts": f"yes (boundary {d.get('expert_boundary')})" if d.get("dual_experts") else "no",
-            "Student sigmas": student.get("sigmas"),
+            "Student sigmas": step_sigmas(student["sigmas"]) if student.get("sigmas") else None,
         }
     settings.update(extra or {})
     sampling: dict[str, Any] = {}
     if config.get("validation_negative_prompt") and method not in ("dmd", "dcm"):  # students run without CFG
         sampling["negative_prompt"] = config.get("validation_negative_prompt")
     if method in ("dmd", "dcm") and student.get("sigmas"):
-        sampling["sigmas"] = student["sigmas"]
+        sampling["sigmas"] = step_sigmas(student["sigmas"])
     note = config.get("model_card_note")
     if method == "dcm" and d.get("dual_experts"):
+        experts = student.get("experts")
+        which = (f" (per student step: {', '.join(experts)})" if experts else "")
         note = ((note or "") + "\n\nThe detail expert is `detail_expert_lora_weights.safetensors`; it runs the steps "
-                f"below sigma {student.get('switch_sigma')} (see wanjax's scripts/run_student_diffusers.py).").strip()
+                f"that start at sigma <= {student.get('switch_sigma')}{which}, the other LoRA the earlier ones (see "
+                "wanjax's scripts/run_student_diffusers.py --lora-switch / --experts).").strip()
     source = resolve_model(config)
     return model_card(base_model=source.pipeline, method=method, settings=settings,
                       repo_id=repo_id, validation=validation, lora=lora, sampling=sampling,
-                      transformer="transformer_2" if source.subfolder == "transformer_2" else "transformer", note=note)
+                      transformer="transformer_2" if source.subfolder == "transformer_2" else "transformer", note=note,
+                      single_expert=lora and method in ("dmd", "dcm") and _two_expert_base(config, source))
+
+
+def _two_expert_base(config, source) -> bool:
+    """Whether the base pipeline has two experts (Wan 2.2 A14B): a -high/-low flavour, the transformer_2
+    subfolder, or a local pipeline folder whose model_index.json names transformer_2 and a boundary_ratio."""
+    flavour = str(config.get("model_flavour") or "")
+    if flavour.endswith(("-2.2-high", "-2.2-low")) or source.subfolder == "transformer_2":
+        return True
+    index = Path(source.pipeline) / "model_index.json"
+    try:
+        spec = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    return spec.get("boundary_ratio") is not None and (spec.get("transformer_2") or [None])[0] is not None
 
 
 def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:

@@ -24,6 +24,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import re
 import sys
 import types
@@ -190,8 +191,34 @@ TINY_DEFAULT_SIZE = (32, 48, 9)  # (height, width, frames) for --tiny: 3 latent 
 DEFAULT_SIZE = (480, 832, 81)  # WanPipeline's defaults
 
 
+OUT_SUFFIXES = (".mp4",)  # video_out.write_mp4 writes H.264 / MPEG-4 part 2 into an MP4 container
+DEFAULT_OUT_NAME = "sample.mp4"  # the file written into an --out folder
+
+
 class UsageError(ValueError):
     """A bad command-line value: printed as `error: ...`, exit status 2."""
+
+
+def resolve_out(out: str) -> Path:
+    """The video file for `--out`, checked before anything is loaded: a path ending in "/" or an existing folder
+    means `<folder>/sample.mp4`; otherwise it must end in .mp4. The parent folder is created (UsageError when that
+    fails or it is not writable). An existing file is overwritten."""
+    path = Path(out)
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        path = path / DEFAULT_OUT_NAME
+    elif path.suffix.lower() not in OUT_SUFFIXES:
+        raise UsageError(f"--out {out}: expected a {' or '.join(OUT_SUFFIXES)} file (or a folder, for "
+                         f"<folder>/{DEFAULT_OUT_NAME}); other containers are not supported")
+    if path.is_dir():
+        raise UsageError(f"--out {out}: {path} is a folder; expected a {' or '.join(OUT_SUFFIXES)} file")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the folder {parent} ({e.strerror or e})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the folder {parent} is not writable")
+    return path
 
 
 def check_video_size(height: int, width: int, num_frames: int, *, temporal: int = 4, multiple: int = 16) -> None:
@@ -222,7 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_2", help="LoRA for transformer_2 (Wan2.2 two-expert pipelines)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative_prompt", default="", help='default "" as in WanPipeline')
-    p.add_argument("--out", required=True, help="output video file (.mp4)")
+    p.add_argument("--out", required=True,
+                   help=f"output video file ({', '.join(OUT_SUFFIXES)}); a folder (existing, or a path ending in /) "
+                        f"gets {DEFAULT_OUT_NAME} inside it. Checked (and its folder created) before loading models")
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--guidance_scale_2", type=float, default=None, help="transformer_2's guidance (two experts)")
@@ -293,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
     for flag in ("lora", "lora_2"):
         if getattr(args, flag) and not Path(getattr(args, flag)).exists():
             raise UsageError(f"--{flag} {getattr(args, flag)}: no such file")
+    out_path = resolve_out(args.out)
     model = tiny.ensure_assets(args.tiny_dir) / "pipeline" if args.tiny else _resolve_model(args.model)
     dtype = jnp.dtype(args.dtype or ("float32" if args.tiny else "bfloat16"))
 
@@ -313,6 +343,14 @@ def _run(args: argparse.Namespace) -> int:
                          "transformer_2)")
     if args.lora_2 and not two:
         raise UsageError("--lora_2 needs a two-expert pipeline (model_index.json boundary_ratio + transformer_2)")
+    # LoRAs before any weights: one for another architecture is a usage error, found in seconds
+    loras = {}
+    for flag in ("lora", "lora_2"):
+        if getattr(args, flag):
+            try:
+                loras[flag] = load_lora(getattr(args, flag), config=tr_cfg)
+            except ValueError as e:
+                raise UsageError(f"--{flag}: {e}") from None
     sched_cfg = _read_json(model / "scheduler" / "scheduler_config.json")
     flow_shift = args.flow_shift or schedulers.config_flow_shift(sched_cfg)
 
@@ -326,8 +364,7 @@ def _run(args: argparse.Namespace) -> int:
     params_2 = None
     if two:
         _, params_2 = load_transformer(model, subfolder="transformer_2", dtype=dtype, mesh=mesh)
-    lora = load_lora(args.lora, config=config) if args.lora else None
-    lora_2 = load_lora(args.lora_2, config=config) if args.lora_2 else None
+    lora, lora_2 = loras.get("lora"), loras.get("lora_2")
     t5_config, t5_params, tokenizer = text_io.load_text_encoder(model, dtype=dtype)
     cfg = args.guidance_scale > 1.0
     embeds = text_io.encode_prompts(t5_config, t5_params, tokenizer, [args.prompt] + [args.negative_prompt] * cfg)
@@ -354,7 +391,7 @@ def _run(args: argparse.Namespace) -> int:
     video = vae_decode(vae_config, vae_params, latents)
     frames_u8 = video_out.to_uint8_frames(video)[0]
     if jax.process_index() == 0:
-        out = video_out.write_mp4(args.out, frames_u8, fps=args.fps)
+        out = video_out.write_mp4(out_path, frames_u8, fps=args.fps)
         print(json.dumps({"video": str(out), "frames": int(frames_u8.shape[0]), "height": int(frames_u8.shape[1]),
                           "width": int(frames_u8.shape[2]), "steps": args.num_inference_steps,
                           "scheduler": args.scheduler, "flow_shift": flow_shift}))

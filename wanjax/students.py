@@ -4,7 +4,9 @@
 x0, otherwise x = (1 - sigma_{i+1}) x0 + sigma_{i+1} eps_i (diffusers' FlowMatchEulerDiscreteScheduler with
 `stochastic_sampling=True`).
 `euler_sample`: the DCM student. Euler x <- x + (sigma_next - sigma) v over the step sigmas, then to 0
-(`stochastic_sampling=False`); optionally a second adapter for steps with sigma < switch_sigma (dual experts).
+(`stochastic_sampling=False`); optionally a second adapter (DCM's detail expert) for the steps that start at
+sigma <= switch_sigma (the trainer's rule, `losses.dcm.dcm_student_experts`), or for the steps a per-step expert
+list (the run's meta `student.experts`, e.g. ["semantic", "semantic", "detail", "detail"]) names "detail".
 
 `sigmas` are the N model-evaluation sigmas, descending in (0, 1], as diffusers' `set_timesteps(sigmas=...)` takes
 them; the terminal 0 is implied (a concrete grid that ends in 0, as the spec writes DCM's, has it dropped). The
@@ -84,23 +86,34 @@ def euler_loop(
     sigmas,
     adapter_switch: Any = None,
     switch_sigma: float | None = None,
+    experts: Sequence[str] | None = None,
 ) -> jax.Array:
-    """Euler from noise: x <- x + (sigma_{i+1} - sigma_i) v, sigma_N = 0. With `adapter_switch`, steps with
-    sigma_i < switch_sigma use it instead of `adapter` (a `lax.cond` when the sigmas are traced)."""
-    if (adapter_switch is None) != (switch_sigma is None):
-        raise ValueError("a second adapter needs switch_sigma, and switch_sigma a second adapter")
+    """Euler from noise: x <- x + (sigma_{i+1} - sigma_i) v, sigma_N = 0. With `adapter_switch` (the detail
+    expert): step i uses it when `experts[i] == "detail"` (the per-step list of the run's meta, which wins when
+    given), else when sigma_i <= switch_sigma (as the trainer assigns steps; a `lax.cond` when the sigmas are
+    traced); the other steps use `adapter`."""
+    if adapter_switch is None and (switch_sigma is not None or (experts is not None and "detail" in experts)):
+        raise ValueError("switch_sigma / a 'detail' expert step needs a second adapter (adapter_switch)")
+    if adapter_switch is not None and switch_sigma is None and experts is None:
+        raise ValueError("a second adapter needs switch_sigma or the per-step experts list")
     sigmas = step_sigmas(sigmas)
     n = sigmas.shape[0]
+    if experts is not None:
+        experts = [str(e) for e in experts]
+        if len(experts) != n or not set(experts) <= {"semantic", "detail"}:
+            raise ValueError(f"experts={experts}: expected {n} entries, each 'semantic' or 'detail'")
     x = noise.astype(F32)
     b = x.shape[0]
     for i in range(n):
         s = _sigma_vec(sigmas, i, b)
         if adapter_switch is None:
             v = denoise(adapter, x, s, context)
+        elif experts is not None:
+            v = denoise(adapter_switch if experts[i] == "detail" else adapter, x, s, context)
         elif isinstance(sigmas, np.ndarray):
-            v = denoise(adapter_switch if sigmas[i] < switch_sigma else adapter, x, s, context)
+            v = denoise(adapter_switch if sigmas[i] <= switch_sigma else adapter, x, s, context)
         else:
-            v = jax.lax.cond(sigmas[i] < switch_sigma,
+            v = jax.lax.cond(sigmas[i] <= switch_sigma,
                              lambda x, s: denoise(adapter_switch, x, s, context).astype(F32),
                              lambda x, s: denoise(adapter, x, s, context).astype(F32), x, s)
         nxt = sigmas[i + 1] if i + 1 < n else 0.0
@@ -167,10 +180,12 @@ def euler_sample(
     lora: Any = None,
     lora_switch: Any = None,
     switch_sigma: float | None = None,
+    experts: Sequence[str] | None = None,
     negative_prompt_embeds: jax.Array | None = None,
     guidance_scale: float = 1.0,
 ) -> jax.Array:
-    """DCM student sample (float32 latents): Euler over `sigmas` then to 0; `lora_switch` for sigma < switch_sigma."""
+    """DCM student sample (float32 latents): Euler over `sigmas` then to 0; `lora_switch` (the detail expert) for
+    the steps `experts` (meta `student.experts`) names "detail", else for the steps at sigma <= switch_sigma."""
     denoise = transformer_denoiser(config, params, negative_prompt_embeds=negative_prompt_embeds,
                                    guidance_scale=guidance_scale)
-    return euler_loop(denoise, lora, noise, prompt_embeds, sigmas, lora_switch, switch_sigma)
+    return euler_loop(denoise, lora, noise, prompt_embeds, sigmas, lora_switch, switch_sigma, experts)
