@@ -343,7 +343,8 @@ def test_simpletuner_seed_config_trains_on_tiny(assets, tmp_path, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*")), "wandb should log offline without credentials"
     # ema_validation "ema_only": the EMA weights' video; the model card is written even though the push is off
     assert [p.name for p in (out / "validation").glob("*.mp4")] == ["step_000003_validation_ema.mp4"]
-    assert "pipe.load_lora_weights('wan-disney')" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()  # no hub namespace known with the push off: a placeholder to fill in
+    assert "pipe.load_lora_weights('YOUR_USERNAME/wan-disney')" in card and "replace `YOUR_USERNAME`" in card
 
 
 
