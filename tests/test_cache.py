@@ -816,3 +816,136 @@ def test_rotated_video_is_cached_upright(tmp_path):
     _write_rotated(tmp_path / "flipped.mp4", 64, 32, 5, 180)
     clip = video.load_clip(tmp_path / "flipped.mp4", video.ClipSpec(resolution=40))
     assert clip.shape == (5, 32, 64, 3) and clip[0, -4:, -8:, 2].mean() > 200  # the mark is now bottom-right
+
+
+# -- changed items: edited captions, replaced videos ------------------------------------------------------------
+def _epoch_captions(cache_dir):
+    """(key, caption) of every example of one trainer epoch (make_batch_iterator), and per bucket the keys of
+    pipeline.bucket_members."""
+    from wanjax.data.pipeline import bucket_members
+
+    src = records.CacheSource(cache_dir)
+    seen = sorted((str(b["keys"][0]), src[int(b["index"][0])]["caption"])
+                  for b in make_batch_iterator(cache_dir, global_batch_size=1, seed=0, num_epochs=1))
+    members = {b: sorted({src[int(i)]["key"] for i in idx}) for b, idx in bucket_members(src.manifest).items()}
+    return seen, members
+
+
+def test_edited_caption_is_reencoded_and_only_the_new_one_trained_on(tmp_path):
+    """A caption .txt fixed after caching: `pending` names the item, the rerun re-encodes exactly it into a new shard,
+    the old record stays on disk inactive, and the trainer's epoch sees the new caption only."""
+    cfg = make_config(_two_datasets(tmp_path), tmp_path / "cache")
+    out = tmp_path / "cache"
+    build_cache(cfg, encoders=fake_encoders())
+    before = read_records(out)["keep/v1.mp4"]
+    assert pending(cfg) is None
+    (tmp_path / "keep" / "v1.txt").write_text("keep clip 1, caption fixed")
+    why = pending(cfg)
+    assert why is not None and "1 cached items changed" in why and "keep/v1.mp4: caption edited" in why, why
+    texts = []
+    report = build_cache(cfg, encoders=fake_encoders(text=lambda p: (texts.extend(p), fake_text(p))[1],
+                                                     text_batch_size=1))
+    assert report.encoded_here == 1 and report.cached == 4 and report.replaced == 1 and report.stale == 0
+    assert "keep clip 1, caption fixed" in texts and "keep clip 0" not in texts
+    assert pending(cfg) is None
+    assert build_cache(cfg, encoders=fake_encoders(vae=None, text=None)).encoded_here == 0  # nothing left
+    man = records.read_manifest(out)
+    assert (man.items, man.active_items) == (5, 4) and len(man.shards) == 2
+    seen, members = _epoch_captions(out)
+    assert [c for k, c in seen if k == "keep/v1.mp4"] == ["keep clip 1, caption fixed"]
+    assert [c for k, c in seen if k == "drop/v0.mp4"] == ["drop clip 0"] * 4
+    assert members == {"16x3x4x6": ["drop/v0.mp4", "drop/v1.mp4", "keep/v0.mp4", "keep/v1.mp4"]}
+    src = records.CacheSource(out)  # the old record is still on disk, bit-identical latents
+    old = [src[i] for i in range(len(src)) if src[i]["key"] == "keep/v1.mp4" and src[i]["caption"] == "keep clip 1"]
+    assert len(old) == 1 and np.array_equal(bits(old[0]["latents"]), bits(before["latents"]))
+    rep = json.loads((out / "cache_report.json").read_text())
+    assert rep["replaced"] == 1 and rep["cached"] == 4
+
+
+def test_replaced_video_gets_its_new_bucket_and_old_record_inactive(tmp_path):
+    """A video replaced at the same path by one of another size: re-encoded into its new bucket; the old record
+    stays on disk, inactive, and its bucket is left out of the epoch when nothing else is in it."""
+    cfg = make_config(_two_datasets(tmp_path), tmp_path / "cache")
+    out = tmp_path / "cache"
+    build_cache(cfg, encoders=fake_encoders())
+    write_video(tmp_path / "keep" / "v0.mp4", 32, 48, 9, seed=5)  # portrait now
+    why = pending(cfg)
+    assert why is not None and "keep/v0.mp4: media file replaced or modified" in why, why
+    report = build_cache(cfg, encoders=fake_encoders())
+    assert report.encoded_here == 1 and report.replaced == 1 and pending(cfg) is None
+    man = records.read_manifest(out)
+    assert man.buckets == {"16x3x4x6": 4, "16x3x6x4": 1} and man.active_buckets == {"16x3x4x6": 3, "16x3x6x4": 1}
+    seen, members = _epoch_captions(out)
+    assert members == {"16x3x4x6": ["drop/v0.mp4", "drop/v1.mp4", "keep/v1.mp4"], "16x3x6x4": ["keep/v0.mp4"]}
+    assert sorted(k for k, _ in seen).count("keep/v0.mp4") == 1
+    index = records.read_record_index(man)
+    keys = [k for s in man.shards for k in json.loads((out / "progress" / s.replace(".array_record", ".json"))
+                                                        .read_text())["keys"]]
+    assert [(k, index.buckets[b], bool(a)) for k, b, a in zip(keys, index.bucket, index.active)
+            if k == "keep/v0.mp4"] == [("keep/v0.mp4", "16x3x4x6", False), ("keep/v0.mp4", "16x3x6x4", True)]
+    # replaced again by a corrupt file: skipped, and the old record is not trained on either
+    (tmp_path / "keep" / "v0.mp4").write_bytes(b"not a video" * 100)
+    assert "keep/v0.mp4" in pending(cfg)
+    report = build_cache(cfg, encoders=fake_encoders())
+    assert report.cached == 3 and report.skipped["keep/v0.mp4"]["reason"] == "unreadable"
+    assert pending(cfg) is None  # skipped last run: retried by the job, like a new bad file
+    assert "keep/v0.mp4" not in {k for k, _ in _epoch_captions(out)[0]}
+    # two records of one key may not both be active
+    shards = [records.ShardInfo.from_json(json.loads(f.read_text()))
+              for f in sorted((out / "progress").glob("records-p*.json"))]
+    with pytest.raises(ValueError, match="duplicate record keys"):
+        records.write_manifest(tmp_path / "elsewhere", shards, latent_channels=C, text_dim=D, text_len=TEXT_LEN)
+
+
+def test_done_lists_without_fingerprints_count_as_unchanged(tmp_path):
+    """A cache written before fingerprints were recorded (done-lists with keys only): an edited caption or touched
+    file is not noticed, and nothing is re-encoded -- no mass re-encode after an upgrade."""
+    cfg = make_config(_two_datasets(tmp_path), tmp_path / "cache")
+    out = tmp_path / "cache"
+    build_cache(cfg, encoders=fake_encoders())
+    for f in (out / "progress").glob("records-p*.json"):
+        d = json.loads(f.read_text())
+        assert len(d.pop("fingerprints")) == len(d["keys"]) and d.pop("run") == 1
+        f.write_text(json.dumps(d))
+    (tmp_path / "keep" / "v1.txt").write_text("keep clip 1, caption fixed")
+    os.utime(tmp_path / "keep" / "v0.mp4", ns=(1, 1))
+    assert pending(cfg) is None
+    report = build_cache(cfg, encoders=fake_encoders(vae=None, text=None))
+    assert report.encoded_here == 0 and report.replaced == 0 and report.cached == 4
+    # new items encoded now get fingerprints next to the old done-lists, and later edits of them are noticed
+    write_video(tmp_path / "keep" / "v2.mp4", 48, 32, 9, seed=9)
+    (tmp_path / "keep" / "v2.txt").write_text("keep clip 2")
+    assert build_cache(cfg, encoders=fake_encoders()).encoded_here == 1
+    (tmp_path / "keep" / "v2.txt").write_text("keep clip 2, edited")
+    assert "keep/v2.mp4: caption edited" in pending(cfg)
+    assert build_cache(cfg, encoders=fake_encoders()).encoded_here == 1 and pending(cfg) is None
+
+
+def test_rerun_that_only_rewrites_the_manifest_loads_no_encoders(tmp_path, monkeypatch):
+    """Nothing to encode (a dataset disabled, repeats changed): the manifest is rewritten with the encoder sizes of
+    progress/settings.json and the VAE / UMT5 are never loaded; something to encode loads them once."""
+    from wanjax import cache
+
+    backend = _two_datasets(tmp_path)
+    cfg = make_config(backend, tmp_path / "cache", validation_prompt="a cat boxing")
+    first = build_cache(cfg, encoders=fake_encoders())
+
+    def refuse(*a, **k):
+        raise AssertionError("load_encoders called with nothing to encode")
+
+    monkeypatch.setattr(cache, "load_encoders", refuse)
+    _two_datasets(tmp_path, {"disabled": True})
+    report = build_cache(cfg)
+    assert report.encoded_here == 0 and report.cached == 2 and pending(cfg) is None
+    man = records.read_manifest(tmp_path / "cache")
+    assert (man.latent_channels, man.text_dim, man.text_len) == (C, D, TEXT_LEN)
+    assert man.source["encoders"] == first.manifest.source["encoders"] == "test-double"
+    lists = json.loads(backend.read_text())
+    backend.write_text(json.dumps([dict(lists[0], repeats=2)]))
+    assert "repeats" in pending(cfg)
+    build_cache(cfg)
+    assert records.read_manifest(tmp_path / "cache").datasets["keep"].repeats == 2
+    calls = []
+    monkeypatch.setattr(cache, "load_encoders", lambda *a, **k: calls.append(a) or fake_encoders())
+    (tmp_path / "keep" / "v0.txt").write_text("keep clip 0, edited")
+    assert build_cache(cfg).encoded_here == 1 and len(calls) == 1 and pending(cfg) is None

@@ -11,7 +11,8 @@ Multi-process (jax.distributed; `cache_dir` on a filesystem every process sees):
 (deterministic order) belongs to process i % P. A process works through its share in chunks of cache_shard_size
 items: decode (threads) -> group by clip shape -> VAE in fixed-size batches (the last one padded, so a bucket
 compiles once) -> text encoder in fixed-size batches -> one shard `records-p<p>-<seq>.array_record` (renamed from
-`.partial` when complete), then its done-list `progress/records-p<p>-<seq>.json` (atomic: keys, buckets, datasets);
+`.partial` when complete), then its done-list `progress/records-p<p>-<seq>.json` (atomic: keys, buckets, datasets,
+per-record fingerprints, the run number);
 the process's skipped files go to `progress/skipped-p<p>.json`. After a barrier process 0 checks that every item is
 cached or skipped and writes empty_prompt.safetensors, validation_prompts.safetensors, cache_report.json,
 index.safetensors and manifest.json last (write_manifest over all done-lists, in shard-name order).
@@ -30,6 +31,14 @@ but without its done-list is redone and the orphan removed at the merge). Settin
 that shape latents (dataset options, encoder sizes, dtype) are kept in progress/settings.json and a rerun with other
 values is refused.
 
+Changed items: each record's done-list entry holds a fingerprint of its item as encoded -- size and mtime_ns of the
+media file and a hash of the caption text (prompts datasets: of the prompt; TFDS: the caption only, not compared as
+it is known only after loading). A caption edited or a video replaced at the same path makes `pending` ask for the
+job, which re-encodes exactly those items into new shards; the newest record of a key (latest run) is the active
+one, the older ones stay on disk, inactive (counted as `replaced` in the report). Records in done-lists written
+before fingerprints were recorded have none and count as unchanged (no mass re-encode after an upgrade; edits to
+those items are noticed only once they are re-encoded for another reason).
+
 Active records: the manifest covers every complete shard, but only records of items found now are active (trained
 on). Records of items no longer current -- a dataset disabled or removed from data_backend_config, a file deleted,
 an item outside `max_num_samples` -- stay on disk, marked inactive in index.safetensors and counted as `stale` in the
@@ -44,6 +53,7 @@ validation prompt library, so a bad file fails the run before the encoders are l
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -140,6 +150,7 @@ class CacheReport:
     cached: int  # usable records in the cache
     skipped: dict[str, dict[str, str]]  # key -> {dataset, path, reason, detail}
     stale: int = 0  # records of items no longer in the dataset list
+    replaced: int = 0  # older records of items re-encoded after their file or caption changed (kept, inactive)
     encoded_here: int = 0  # records this process encoded in this run
     notes: list[dict[str, str]] = field(default_factory=list)
     manifest: Any = None  # records.Manifest (process 0)
@@ -151,6 +162,7 @@ class CacheReport:
         why = ", ".join(f"{n} {r}" for r, n in self.counts().items())
         skipped = f" ({len(self.skipped)} skipped: {why})" if self.skipped else ""
         stale = f", {self.stale} stale" if self.stale else ""
+        stale += f", {self.replaced} replaced" if self.replaced else ""
         return (f"cached {self.cached} of {self.candidates} items{skipped}{stale} -> {self.cache_dir}; "
                 f"details: {self.cache_dir / REPORT_FILE}")
 
@@ -182,7 +194,9 @@ class _Options:
 # =============================================================================================================
 def build_cache(config, *, encoders: Encoders | None = None, process_index: int | None = None,
                 process_count: int | None = None) -> CacheReport:
-    """Cache `config.data_backend_config` into `config.cache_dir` (see the module docstring). Raises
+    """Cache `config.data_backend_config` into `config.cache_dir` (see the module docstring). Without `encoders`,
+    the VAE and UMT5 are loaded only when this process has items to encode (or process 0 must re-embed the prompt
+    side files); a rerun that only rewrites the manifest takes the encoder sizes from progress/settings.json. Raises
     CacheConfigError for bad settings, CacheError when nothing usable remains (after writing cache_report.json)."""
     import jax
 
@@ -215,31 +229,44 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
             cache_dir.mkdir(parents=True, exist_ok=True)
             _write_report(report, datasets)
         raise CacheError(f"no usable items: {report.summary()}")
-    if encoders is None:
-        from wanjax.model_source import resolve_model
+    work = cache_dir / PROGRESS_DIR
+    # the encoders are loaded only when something must be encoded: a rerun that only rewrites the manifest takes
+    # their sizes from progress/settings.json (UMT5-XXL alone is ~11 GB)
+    loaded: list[Encoders] = [] if encoders is None else [encoders]
 
-        try:
-            pipeline = resolve_model(config).pipeline
-        except ValueError as e:
-            raise CacheConfigError(str(e)) from None
-        encoders = load_encoders(pipeline, vae_batch_size=opts.vae_batch_size,
-                                 text_batch_size=opts.text_batch_size)
+    def real_encoders() -> Encoders:
+        if not loaded:
+            loaded.append(_load_configured(config, opts))
+        return loaded[0]
+
+    stand_in = None if encoders is not None else _stored_encoders(cache_dir)
+    encoders = stand_in or real_encoders()
     datasets = sources.with_alignment(datasets, 2 * encoders.spatial_factor)
     for d in datasets:
         if d.type == "prompts" and any(x % (2 * encoders.spatial_factor) for x in d.prompt_size[1:]):
             raise CacheConfigError(f"dataset {d.id}: height={d.prompt_size[1]}, width={d.prompt_size[2]} must be "
                                    f"multiples of {2 * encoders.spatial_factor} (the VAE's {encoders.spatial_factor}x "
                                    "downsampling times the transformer's 2x2 patch)")
-    work = cache_dir / PROGRESS_DIR
     work.mkdir(parents=True, exist_ok=True)
     _check_settings(work, _settings(datasets, encoders, opts), write=p == 0)
 
     progress = _Progress(cache_dir, p)
-    done = {k for info in _shard_infos(cache_dir) for k in info.keys}
+    shards = _shard_infos(cache_dir)
+    latest = _latest(shards)
+    changed = _changed_items(found.items, shards, latest)
+    if changed and p == 0:
+        k = next(iter(changed))
+        log.warning("%d cached items changed since they were encoded (e.g. %s: %s): re-encoded into new shards, "
+                    "their old records kept on disk, inactive", len(changed), k, changed[k])
+    done = set(latest) - set(changed)
     mine = [it for i, it in enumerate(found.items) if i % n_proc == p and it.key not in done]
     log.info("process %d/%d: %d of its items to encode (%d cached before)", p, n_proc, len(mine),
              sum(1 for i, it in enumerate(found.items) if i % n_proc == p) - len(mine))
-    encoded = _Worker(cache_dir, p, encoders, {d.id: d for d in datasets}, opts, progress).run(mine)
+    if mine and encoders is stand_in:
+        encoders = real_encoders()
+        _check_settings(work, _settings(datasets, encoders, opts), write=p == 0)  # the sizes it really has
+    run = 1 + max((s.run for s in shards), default=0)  # later than every shard written before this run
+    encoded = _Worker(cache_dir, p, encoders, {d.id: d for d in datasets}, opts, progress, run).run(mine)
 
     if p != 0 and jax.process_count() == 1:  # shares run one after another (process_count given): no merge here
         own = {k for i in _shard_infos(cache_dir) if i.name.startswith(progress.prefix + "-") for k in i.keys}
@@ -250,7 +277,8 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
     report = None
     if p == 0:
         try:
-            report = _merge(cache_dir, found, datasets, encoders, config, opts, n_proc, library)
+            report = _merge(cache_dir, found, datasets, encoders, config, opts, n_proc, library,
+                            real_encoders if encoders is stand_in else None)
         except Exception as e:  # the others wait at the barrier below: tell them through the report file
             error = e
             _write_json(cache_dir / REPORT_FILE, {"error": f"{type(e).__name__}: {e}"})
@@ -271,8 +299,9 @@ def pending(config) -> str | None:
     skipped by the last run (a file fixed since is retried by `python -m wanjax.cache`), and the manifest's active
     records are exactly the cached items found now (a dataset disabled or removed, a file deleted or an item
     outside max_num_samples needs a new manifest that stops training on its records; one listed again needs a
-    manifest that trains on it again; neither re-encodes anything). Reads file lists and captions, no media and no
-    encoders; the trainer calls it to skip loading the encoders when nothing changed. Changed settings are left to
+    manifest that trains on it again; neither re-encodes anything). A cached item whose caption or media file
+    (size, mtime) changed since it was encoded is named for re-encoding (a record without a fingerprint, from an
+    older job, counts as unchanged). Reads file lists, captions and file stats, no media and no encoders; the trainer calls it to skip loading the encoders when nothing changed. Changed settings are left to
     build_cache, which refuses them."""
     cache_dir = Path(config.cache_dir)
     settings_path = cache_dir / PROGRESS_DIR / "settings.json"
@@ -300,33 +329,43 @@ def pending(config) -> str | None:
     if repeats:  # (a dataset no longer listed keeps its records: build_cache reports them as stale)
         return f"repeats of datasets {repeats} changed"
     shards = _shard_infos(cache_dir)
-    cached = {k for info in shards for k in info.keys}
-    known = set(cached)
-    if (cache_dir / REPORT_FILE).is_file():
-        known |= set(_read_report(cache_dir).skipped)
+    latest = _latest(shards)
+    skipped_before = set(_read_report(cache_dir).skipped) if (cache_dir / REPORT_FILE).is_file() else set()
     try:
         found = sources.discover(datasets)
     except sources.DatasetConfigError as e:
         raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
-    new = [it.key for it in found.items if it.key not in known]
+    new = [it.key for it in found.items if it.key not in latest and it.key not in skipped_before]
     if new:
         return f"{len(new)} files not cached yet (e.g. {new[0]})"
-    want = {it.key for it in found.items if it.key in cached}
-    have = _active_keys(manifest, shards)
+    changed = _changed_items(found.items, shards, latest)
+    retry = {k: why for k, why in changed.items() if k not in skipped_before}  # skipped last time: like new files
+    if retry:
+        k = next(iter(retry))
+        return f"{len(retry)} cached items changed since they were encoded (e.g. {k}: {retry[k]}): to re-encode"
+    names = [s.name for s in shards]
+    want = {(names[latest[it.key][0]], latest[it.key][1]): it.key for it in found.items
+            if it.key in latest and it.key not in changed}
+    have = _active_records(manifest, shards)
     if isinstance(have, str):
         return have
-    gone, back = sorted(have - want), sorted(want - have)
+    gone = sorted({k for r, k in have.items() if r not in want and k not in set(want.values())})
+    back = sorted({k for r, k in want.items() if r not in have and k not in set(have.values())})
+    older = sorted({k for r, k in want.items() if r not in have and k in set(have.values())})
     why = []
     if gone:
         why.append(f"{len(gone)} cached records are trained on but no longer in the dataset list (e.g. {gone[0]}: "
                    "dataset disabled or removed, file deleted, or outside max_num_samples)")
     if back:
         why.append(f"{len(back)} cached records are in the dataset list but not trained on (e.g. {back[0]})")
+    if older:
+        why.append(f"{len(older)} items are trained on from an older record, not their latest (e.g. {older[0]})")
     return "; ".join(why) + ": the manifest must be rewritten (nothing is re-encoded)" if why else None
 
 
-def _active_keys(manifest: records.Manifest, shards: list[ShardInfo]) -> set[str] | str:
-    """The keys of the records `manifest` trains on, or why they cannot be told (then the merge must run)."""
+def _active_records(manifest: records.Manifest, shards: list[ShardInfo]) -> dict[tuple[str, int], str] | str:
+    """(shard name, position) -> key of the records `manifest` trains on, or why they cannot be told (then the merge
+    must run)."""
     by_name = {s.name: s for s in shards}
     for name, n in zip(manifest.shards, manifest.shard_items):
         if name not in by_name or len(by_name[name].keys) != n:
@@ -335,7 +374,65 @@ def _active_keys(manifest: records.Manifest, shards: list[ShardInfo]) -> set[str
         active = records.read_record_index(manifest).active
     except ValueError as e:
         return str(e)
-    return {k for k, on in zip((k for name in manifest.shards for k in by_name[name].keys), active) if on}
+    rows = ((name, i, k) for name in manifest.shards for i, k in enumerate(by_name[name].keys))
+    return {(name, i): k for (name, i, k), on in zip(rows, active) if on}
+
+
+# -- item fingerprints ------------------------------------------------------------------------------------------
+def _caption_hash(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
+
+
+def _fingerprint(item: sources.Item) -> dict[str, Any] | None:
+    """What an item looks like now, cheaply: size and mtime_ns of its media file (local datasets) and a hash of its
+    caption (when known before loading: not for TFDS). None when there is nothing to tell."""
+    fp: dict[str, Any] = {}
+    if item.path:
+        try:
+            st = os.stat(item.path)
+            fp.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        except OSError:
+            pass
+    if item.caption is not None:
+        fp["caption"] = _caption_hash(item.caption)
+    return fp or None
+
+
+def _difference(old: Any, now: dict[str, Any] | None) -> str | None:
+    """How an item changed since its record was encoded, or None. Only what both fingerprints hold is compared: a
+    record without one (done-lists written before fingerprints were recorded) counts as unchanged."""
+    if not isinstance(old, dict) or not now:
+        return None
+    what = []
+    if "caption" in old and "caption" in now and old["caption"] != now["caption"]:
+        what.append("caption edited")
+    if any(k in old and k in now and old[k] != now[k] for k in ("size", "mtime_ns")):
+        what.append("media file replaced or modified")
+    return " and ".join(what) or None
+
+
+def _latest(shards: list[ShardInfo]) -> dict[str, tuple[int, int]]:
+    """key -> (shard index, position) of its current record: the one of the latest run (ties: the later shard in
+    name order). A key has several records when its item was re-encoded after its file or caption changed."""
+    best: dict[str, tuple[tuple[int, int], int, int]] = {}
+    for si, s in enumerate(shards):
+        for pos, k in enumerate(s.keys):
+            if k not in best or (s.run, si) >= best[k][0]:
+                best[k] = ((s.run, si), si, pos)
+    return {k: (si, pos) for k, (_, si, pos) in best.items()}
+
+
+def _changed_items(items: list[sources.Item], shards: list[ShardInfo],
+                   latest: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """key -> how it changed, for the items whose latest record was encoded from another file or caption."""
+    out = {}
+    for it in items:
+        if it.key in latest:
+            si, pos = latest[it.key]
+            why = _difference(shards[si].fingerprint(pos), _fingerprint(it))
+            if why:
+                out[it.key] = why
+    return out
 
 
 def _barrier(name: str) -> None:
@@ -353,6 +450,7 @@ def _settings(datasets: list[sources.DatasetSpec], enc: Encoders, opts: _Options
         "encoders": {"latent_channels": enc.latent_channels, "text_dim": enc.text_dim, "text_len": enc.text_len,
                      "spatial_factor": enc.spatial_factor},
         "cache_dtype": opts.dtype,
+        "encoder_name": enc.name,  # not compared: for a rerun that encodes nothing (see _stored_encoders)
     }))
 
 
@@ -369,6 +467,39 @@ def _check_settings(work: Path, settings: dict[str, Any], write: bool) -> None:
         settings = {**settings, "datasets": {**old.get("datasets", {}), **settings["datasets"]}}
     if write:
         _write_json(path, settings)
+
+
+def _load_configured(config, opts: _Options) -> Encoders:
+    from wanjax.model_source import resolve_model
+
+    try:
+        pipeline = resolve_model(config).pipeline
+    except ValueError as e:
+        raise CacheConfigError(str(e)) from None
+    return load_encoders(pipeline, vae_batch_size=opts.vae_batch_size, text_batch_size=opts.text_batch_size)
+
+
+def _not_loaded(*_: Any) -> Any:
+    raise RuntimeError("wanjax.cache: encoders used before they were loaded (a stand-in from settings.json)")
+
+
+def _stored_encoders(cache_dir: Path) -> Encoders | None:
+    """A stand-in with the sizes the cache was encoded with (progress/settings.json; the name from there, else from
+    the manifest's source) and no encode functions, or None when the cache has no settings yet."""
+    try:
+        s = json.loads((cache_dir / PROGRESS_DIR / "settings.json").read_text())
+        e = s["encoders"]
+        name = s.get("encoder_name")
+        if name is None:
+            try:
+                name = str(records.read_manifest(cache_dir).source.get("encoders", ""))
+            except ValueError:
+                name = ""
+        return Encoders(_not_loaded, _not_loaded, latent_channels=int(e["latent_channels"]),
+                        text_dim=int(e["text_dim"]), spatial_factor=int(e["spatial_factor"]),
+                        text_len=int(e["text_len"]), name=name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -415,13 +546,14 @@ class _Worker:
     """Encodes one process's items chunk by chunk: one shard + one progress update per chunk."""
 
     def __init__(self, cache_dir: Path, process: int, enc: Encoders, datasets: dict, opts: _Options,
-                 progress: _Progress):
+                 progress: _Progress, run: int = 0):
         self.enc, self.datasets, self.opts, self.progress = enc, datasets, opts, progress
         self.dtype = DTYPES[opts.dtype]
         self.writer = ShardWriter(cache_dir, prefix=progress.prefix, latent_channels=enc.latent_channels,
                                   text_dim=enc.text_dim, text_len=enc.text_len, shard_size=2**31,
-                                  start_seq=progress.next_seq, on_close=progress.shard_done)
+                                  start_seq=progress.next_seq, on_close=progress.shard_done, run=run)
         self.texts: list[tuple[sources.Item, str, np.ndarray]] = []
+        self.fingerprints: dict[str, dict[str, Any]] = {}
         self.encoded = 0
         self.bar = None
 
@@ -450,6 +582,8 @@ class _Worker:
     def _chunk(self, chunk: list[sources.Item]) -> None:
         pending: dict[tuple, list] = collections.defaultdict(list)
         skips = len(self.progress.skipped)
+        for item in chunk:  # taken before decoding: a file replaced meanwhile reads as changed on the next run
+            self.fingerprints[item.key] = _fingerprint(item) or {}
         prompts = [it for it in chunk if self.datasets[it.dataset].type == "prompts"]
         for item in prompts:  # nothing to decode: text only, with the configured latent shape
             self.texts.append((item, item.caption, self._latent_shape(self.datasets[item.dataset])))
@@ -493,7 +627,8 @@ class _Worker:
             emb, lengths = _encode_prompts(self.enc, [c for _, c, _ in batch])
             for (item, caption, lat), e, n in zip(batch, emb, lengths):
                 example = {"key": item.key, "dataset": item.dataset, "caption": caption,
-                           "prompt_embeds": e[:n].astype(self.dtype)}
+                           "prompt_embeds": e[:n].astype(self.dtype),
+                           "fingerprint": {**self.fingerprints.pop(item.key, {}), "caption": _caption_hash(caption)}}
                 if isinstance(lat, tuple):  # a prompts dataset: the latent shape only
                     example["latent_shape"] = lat
                 else:
@@ -520,17 +655,20 @@ def _encode_prompts(enc: Encoders, prompts: list[str]) -> tuple[np.ndarray, np.n
 
 # -- merge (process 0) -----------------------------------------------------------------------------------------
 def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encoders, config, opts: _Options,
-           n_proc: int, library: dict[str, str]) -> CacheReport:
+           n_proc: int, library: dict[str, str], load: Callable[[], Encoders] | None = None) -> CacheReport:
     shards = _shard_infos(cache_dir)
-    cached = {k for s in shards for k in s.keys}
+    latest = _latest(shards)
+    # an item changed since its latest record was encoded (its re-encoding skipped, e.g. the new file is corrupt)
+    # is not trained on from the old record
+    fresh = set(latest) - set(_changed_items(found.items, shards, latest))
     current = [it.key for it in found.items]
     current_set = set(current)
     skipped = dict(found.skipped)
     for f in sorted((cache_dir / PROGRESS_DIR).glob("skipped-p*.json")):
         d = json.loads(f.read_text())
         if d["process"] < n_proc:  # files of processes not in this run hold old verdicts
-            skipped.update({k: v for k, v in d["skipped"].items() if k not in cached})
-    missing = [k for k in current if k not in cached and k not in skipped]
+            skipped.update({k: v for k, v in d["skipped"].items() if k not in fresh})
+    missing = [k for k in current if k not in fresh and k not in skipped]
     if missing:
         raise CacheError(f"{len(missing)} items are neither cached nor skipped (e.g. {missing[:3]}): a process has "
                          "not finished its share; rerun the job to resume")
@@ -538,11 +676,13 @@ def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encod
     for f in [*cache_dir.glob("records-p*.array_record*"), *(cache_dir / PROGRESS_DIR).glob("records-p*.json")]:
         if f.name not in listed and f.name.replace(".json", ".array_record") not in listed:
             f.unlink()  # leftovers of crashed runs: shards without a done-list, done-lists without a shard
-    active = current_set & cached
+    active = current_set & fresh
+    flags = [k in active and latest[k] == (si, pos) for si, s in enumerate(shards) for pos, k in enumerate(s.keys)]
     stale = collections.Counter(d for s in shards for k, d in zip(s.keys, s.datasets) if k not in current_set)
+    replaced = sum(1 for (k, on) in zip((k for s in shards for k in s.keys), flags) if k in current_set and not on)
     report = CacheReport(cache_dir, len(current) + len(found.skipped), len(active),
-                         {k: skipped[k] for k in sorted(skipped) if k not in cached},
-                         stale=sum(stale.values()), notes=found.notes)
+                         {k: skipped[k] for k in sorted(skipped) if k not in fresh},
+                         stale=sum(stale.values()), replaced=replaced, notes=found.notes)
     # datasets no longer listed keep their repeats and kind (their records stay, inactive, for a later re-listing)
     try:
         old = records.read_manifest(cache_dir).datasets
@@ -557,10 +697,10 @@ def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encod
     prompt_only += [k for k in stale if k not in ids and (ever.get(k) or {}).get("type") == "prompts"]
     (cache_dir / records.MANIFEST).unlink(missing_ok=True)  # incomplete while the index is rewritten
     if active:
-        _write_prompt_files(cache_dir, enc, library, DTYPES[opts.dtype])
+        _write_prompt_files(cache_dir, enc, library, DTYPES[opts.dtype], load)
         report.manifest = records.write_manifest(
             cache_dir, shards, latent_channels=enc.latent_channels, text_dim=enc.text_dim, text_len=enc.text_len,
-            datasets=repeats, prompt_only=prompt_only, active=active,
+            datasets=repeats, prompt_only=prompt_only, active_records=flags,
             source={"generator": "wanjax.cache", "encoders": enc.name, "cache_dtype": opts.dtype,
                     "data_backend_config": str(config.data_backend_config)})
     if report.stale:
@@ -581,6 +721,7 @@ def _write_report(report: CacheReport, datasets: list, stale: dict[str, int] | N
     _write_json(report.cache_dir / REPORT_FILE, {
         "summary": report.summary(), "candidates": report.candidates, "cached": report.cached,
         "skipped_count": len(report.skipped), "stale": report.stale, "stale_by_dataset": dict(stale or {}),
+        "replaced": report.replaced,
         "skipped_by_reason": report.counts(),
         "datasets": dict(per_ds), "buckets": dict(man.active_buckets) if man else {},
         "skipped": [{"key": k, **v} for k, v in report.skipped.items()], "config_notes": report.notes})
@@ -592,7 +733,7 @@ def _read_report(cache_dir: Path) -> CacheReport:
         raise CacheError(f"process 0 failed to finish the cache: {data['error']}")
     skipped = {s.pop("key"): s for s in data["skipped"]}
     return CacheReport(cache_dir, data["candidates"], data["cached"], skipped, data["stale"],
-                       notes=data["config_notes"])
+                       data.get("replaced", 0), notes=data["config_notes"])
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -633,10 +774,12 @@ def _prompt_library(config, notes: list) -> dict[str, str]:
     return out
 
 
-def _write_prompt_files(cache_dir: Path, enc: Encoders, library: dict[str, str], dtype) -> None:
+def _write_prompt_files(cache_dir: Path, enc: Encoders, library: dict[str, str], dtype,
+                        load: Callable[[], Encoders] | None = None) -> None:
     """empty_prompt.safetensors ("empty": the true-length embedding of "") and validation_prompts.safetensors
     (one true-length embedding per name of `library`, see _prompt_library; texts in the metadata). Kept when already
-    written for the same texts."""
+    written for the same texts. `enc` may be a stand-in without encode functions: then `load()` gives the real
+    encoders when a file must be (re)written."""
     wanted = {records.EMPTY_PROMPT_FILE: {"empty": ""}}
     if library:
         wanted[records.VALIDATION_PROMPTS_FILE] = library
@@ -651,6 +794,9 @@ def _write_prompt_files(cache_dir: Path, enc: Encoders, library: dict[str, str],
                     continue
             except (OSError, ValueError):
                 pass
+        if load is not None:
+            enc = load()
+            meta.update(encoders=enc.name, text_dim=str(enc.text_dim))
         emb, lens = _encode_prompts(enc, list(prompts.values()))
         records.write_text_embeds(path, {k: e[:n].astype(dtype) for k, e, n in zip(prompts, emb, lens)}, meta)
 

@@ -29,7 +29,8 @@ they were given (float32 / float16 / bfloat16 ...), so reads are bit-exact.
 
 Active records: the caching job keeps records of items that left the dataset list (a dataset disabled or removed, a
 file deleted, an item outside `max_num_samples`) on disk but marks them inactive, so they are not trained on and
-listing them again needs no re-encoding, only a new manifest. `bucket_members` (the epoch plan) uses active records
+listing them again needs no re-encoding, only a new manifest. An item re-encoded after its media file or caption
+changed has several records under one key; only the newest is active. `bucket_members` (the epoch plan) uses active records
 only; `CacheSource` still reads any record by its global index.
 """
 
@@ -395,49 +396,82 @@ class CacheWriter:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One complete shard file and, per record in file order, its key, latent-shape bucket and dataset id."""
+    """One complete shard file and, per record in file order, its key, latent-shape bucket and dataset id.
+
+    `fingerprints`: per record, what its item looked like when it was encoded (the caching job's JSON object, e.g.
+    media size / mtime and a hash of the caption) or None; empty in done-lists written before fingerprints were
+    recorded. `run`: the caching run that wrote the shard (0 for older done-lists); when several shards hold a record
+    of one key, the one of the latest run is the current one."""
 
     name: str
     keys: tuple[str, ...]
     buckets: tuple[str, ...]
     datasets: tuple[str, ...]
+    fingerprints: tuple[Any, ...] = ()
+    run: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "keys": list(self.keys), "buckets": list(self.buckets),
-                "datasets": list(self.datasets)}
+        out = {"name": self.name, "keys": list(self.keys), "buckets": list(self.buckets),
+               "datasets": list(self.datasets)}
+        if any(f is not None for f in self.fingerprints):
+            out["fingerprints"] = list(self.fingerprints)
+        if self.run:
+            out["run"] = self.run
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "ShardInfo":
-        info = cls(str(d["name"]), tuple(d["keys"]), tuple(d["buckets"]), tuple(d["datasets"]))
+        info = cls(str(d["name"]), tuple(d["keys"]), tuple(d["buckets"]), tuple(d["datasets"]),
+                   tuple(d.get("fingerprints") or ()), int(d.get("run", 0)))
         if not len(info.keys) == len(info.buckets) == len(info.datasets):
             raise ValueError(f"shard {info.name}: keys, buckets and datasets differ in length")
+        if info.fingerprints and len(info.fingerprints) != len(info.keys):
+            raise ValueError(f"shard {info.name}: {len(info.fingerprints)} fingerprints for {len(info.keys)} keys")
         return info
+
+    def fingerprint(self, i: int) -> Any:
+        """Record i's fingerprint, None when not recorded."""
+        return self.fingerprints[i] if self.fingerprints else None
 
 
 def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *, latent_channels: int, text_dim: int,
                    text_len: int, datasets: Mapping[str, int] | None = None,
                    source: Mapping[str, Any] | None = None, prompt_only: Sequence[str] = (),
-                   active: Collection[str] | None = None) -> Manifest:
+                   active: Collection[str] | None = None,
+                   active_records: Sequence[bool] | None = None) -> Manifest:
     """Make `directory` a complete cache over `shards` (files already complete, in this global record order):
-    writes index.safetensors, then manifest.json last (atomically). Keys must be unique across shards.
-    `datasets`: id -> repeats, as for `CacheWriter.close`; `prompt_only`: ids of datasets without latents;
-    `active`: keys of the records to train on (None: all); the others stay on disk, marked inactive."""
+    writes index.safetensors, then manifest.json last (atomically). `datasets`: id -> repeats, as for
+    `CacheWriter.close`; `prompt_only`: ids of datasets without latents; `active`: keys of the records to train on
+    (None: all); `active_records`: instead, one flag per record in global order. The others stay on disk, marked
+    inactive. Keys must be unique within a shard and among the active records (an item re-encoded after its file or
+    caption changed has several records: only one of them may be active)."""
     directory = Path(directory)
+    if active is not None and active_records is not None:
+        raise ValueError("give active or active_records, not both")
+    n_records = sum(len(s.keys) for s in shards)
+    if active_records is not None:
+        flags = [bool(a) for a in active_records]
+        if len(flags) != n_records:
+            raise ValueError(f"active_records has {len(flags)} flags for {n_records} records")
+    else:
+        keep = None if active is None else set(active)
+        flags = [keep is None or k in keep for s in shards for k in s.keys]
     seen: set[str] = set()
+    it = iter(flags)
     for s in shards:
-        dup = seen.intersection(s.keys)
-        if dup or len(set(s.keys)) != len(s.keys):
+        on = [k for k in s.keys if next(it)]
+        dup = seen.intersection(on)
+        if dup or len(set(on)) != len(on) or len(set(s.keys)) != len(s.keys):
             raise ValueError(f"{directory}: duplicate record keys across shards (e.g. {sorted(dup)[:3]} in {s.name}); "
                              "was the cache written by two jobs at once?")
-        seen.update(s.keys)
+        seen.update(on)
     bucket_ids: dict[str, int] = {}
     dataset_ids: dict[str, int] = {}
     bucket = [bucket_ids.setdefault(b, len(bucket_ids)) for s in shards for b in s.buckets]
     dataset = [dataset_ids.setdefault(d, len(dataset_ids)) for s in shards for d in s.datasets]
     buckets, ds_names = list(bucket_ids), list(dataset_ids)
-    keep = None if active is None else set(active)
     arrays = {"bucket": np.asarray(bucket, np.int32), "dataset": np.asarray(dataset, np.int32),
-              "active": np.asarray([keep is None or k in keep for s in shards for k in s.keys], np.uint8)}
+              "active": np.asarray(flags, np.uint8)}
     names_meta = {"buckets": json.dumps(buckets), "datasets": json.dumps(ds_names)}
     write_safetensors(directory / INDEX, [(k, a.dtype, a.shape) for k, a in arrays.items()],
                       arrays.__getitem__, metadata=names_meta)
@@ -471,18 +505,20 @@ class ShardWriter:
     """Append records to shards `{prefix}-{seq:05d}.array_record`, each written as `.partial` and renamed when
     it holds `shard_size` records or on `flush()`; `on_close(ShardInfo)` runs after each rename. Shards are
     independent of each other, so several writers (one per process) can fill one directory; `write_manifest`
-    then joins them. Records are checked like `CacheWriter.add`."""
+    then joins them. Records are checked like `CacheWriter.add`. An example's optional `fingerprint` (JSON) goes to
+    the shard's `ShardInfo.fingerprints`, not into the record; `run` is stored as `ShardInfo.run`."""
 
     def __init__(self, directory: str | os.PathLike, *, prefix: str, latent_channels: int, text_dim: int,
-                 text_len: int = 512, shard_size: int = 256, start_seq: int = 0, on_close=None):
+                 text_len: int = 512, shard_size: int = 256, start_seq: int = 0, on_close=None, run: int = 0):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.prefix, self.shard_size, self.seq, self.on_close = prefix, shard_size, start_seq, on_close
+        self.run = run
         self.latent_channels, self.text_dim, self.text_len = latent_channels, text_dim, text_len
         self._writer: ArrayRecordWriter | None = None
-        self._rows: list[tuple[str, str, str]] = []
+        self._rows: list[tuple[str, str, str, Any]] = []
 
     def name(self, seq: int) -> str:
         return f"{self.prefix}-{seq:05d}.array_record"
@@ -495,7 +531,7 @@ class ShardWriter:
         if self._writer is None:
             self._writer = ArrayRecordWriter(str(self.directory / (self.name(self.seq) + ".partial")), _WRITER_OPTIONS)
         self._writer.write(raw)
-        self._rows.append((key, bucket_key(shape), example["dataset"]))
+        self._rows.append((key, bucket_key(shape), example["dataset"], example.get("fingerprint")))
         if len(self._rows) == self.shard_size:
             self.flush()
 
@@ -509,7 +545,9 @@ class ShardWriter:
         self._writer.close()
         self._writer = None
         os.replace(partial, self.directory / self.name(self.seq))
-        info = ShardInfo(self.name(self.seq), *(tuple(col) for col in zip(*self._rows)))
+        keys, buckets, datasets, fps = (tuple(col) for col in zip(*self._rows))
+        info = ShardInfo(self.name(self.seq), keys, buckets, datasets,
+                         fps if any(f is not None for f in fps) else (), self.run)
         self._rows, self.seq = [], self.seq + 1
         if self.on_close is not None:
             self.on_close(info)
