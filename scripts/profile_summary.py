@@ -66,9 +66,13 @@ def jax_profile(call, steps: int, trace_dir: str | Path, top: int = 25) -> dict:
     import jax
 
     Path(trace_dir).mkdir(parents=True, exist_ok=True)
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0  # XLA's ops and kernels, not Python frames
-    with jax.profiler.trace(str(trace_dir), profiler_options=options):
+    try:
+        options = jax.profiler.ProfileOptions()
+        options.python_tracer_level = 0  # XLA's ops and kernels, not Python frames (they are filtered out anyway)
+        kwargs = {"profiler_options": options}
+    except (AttributeError, TypeError):  # a JAX without ProfileOptions
+        kwargs = {}
+    with jax.profiler.trace(str(trace_dir), **kwargs):
         for _ in range(steps):
             call()
     return summarise_jax_trace(trace_dir, steps, top)
