@@ -156,9 +156,9 @@ def run_student(
         raise ValueError("dual experts need both adapters=(first, second) and switch_sigma or experts")
     sig = parse_sigmas(sigmas)
     if experts is not None:
-        experts = [str(e) for e in experts]
-        if len(experts) != len(sig) or not set(experts) <= {"semantic", "detail"}:
-            raise ValueError(f"experts={experts}: expected {len(sig)} entries, each 'semantic' or 'detail'")
+        from wanjax.students import check_experts
+
+        experts = check_experts(experts, len(sig))
     pipe.scheduler = FixedSigmasScheduler.for_student(sig, stochastic=kind == "dmd", step_noises=step_noises,
                                                       generator=generator)
     latents = torch.as_tensor(np.asarray(latents, np.float32)) if isinstance(latents, np.ndarray) else latents

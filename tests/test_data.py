@@ -355,8 +355,10 @@ def _remanifest(d, active):
         shards.append(records.ShardInfo(name, tuple(r["key"] for r in rows),
                                         tuple(records.bucket_key(r["latents"].shape) for r in rows),
                                         tuple(r["dataset"] for r in rows)))
+    keep = set(active)
     return records.write_manifest(d, shards, latent_channels=C, text_dim=D, text_len=L,
-                                  datasets={k: v.repeats for k, v in man.datasets.items()}, active=active)
+                                  datasets={k: v.repeats for k, v in man.datasets.items()},
+                                  active_records=[k in keep for s in shards for k in s.keys])
 
 
 def test_inactive_records_stay_readable_but_out_of_the_epoch(tmp_path, cache, caplog):

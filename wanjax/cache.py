@@ -53,6 +53,7 @@ validation prompt library, so a bad file fails the run before the encoders are l
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -213,12 +214,9 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
     cache_dir = Path(config.cache_dir)
     library_notes: list[dict[str, str]] = []
     library = _prompt_library(config, library_notes)  # a bad library fails here, not after hours of encoding
-    try:
-        defaults = {k: config.get(k, None) for k in ("resolution", "resolution_type", "minimum_image_size")}
-        datasets, notes = sources.read_datasets(config.data_backend_config, defaults)
+    with _dataset_errors(config):
+        datasets, notes = _read_datasets(config)
         found = sources.discover(datasets)
-    except sources.DatasetConfigError as e:
-        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
     found.notes[:0] = notes + library_notes
     if p == 0:
         for n in found.notes:
@@ -293,6 +291,21 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
     return report
 
 
+def _read_datasets(config) -> tuple[list[sources.DatasetSpec], list]:
+    """The enabled datasets of `config.data_backend_config` (and notes), with the trainer-level defaults."""
+    defaults = {k: config.get(k, None) for k in ("resolution", "resolution_type", "minimum_image_size")}
+    return sources.read_datasets(config.data_backend_config, defaults)
+
+
+@contextlib.contextmanager
+def _dataset_errors(config):
+    """A DatasetConfigError as CacheConfigError naming data_backend_config."""
+    try:
+        yield
+    except sources.DatasetConfigError as e:
+        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
+
+
 def pending(config) -> str | None:
     """Why `config.cache_dir` must be (re)built for `config.data_backend_config`, or None when it is current: a
     manifest exists, every dataset is cached with today's settings and repeats, every file found is cached or was
@@ -312,15 +325,13 @@ def pending(config) -> str | None:
                     cache_dir, settings_path.relative_to(cache_dir))
         return None
     old = json.loads(settings_path.read_text())
-    defaults = {k: config.get(k, None) for k in ("resolution", "resolution_type", "minimum_image_size")}
-    try:
-        datasets, _ = sources.read_datasets(config.data_backend_config, defaults)
-    except sources.DatasetConfigError as e:
-        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
+    with _dataset_errors(config):
+        datasets, _ = _read_datasets(config)
     datasets = sources.with_alignment(datasets, 2 * int(old["encoders"]["spatial_factor"]))
     fingerprints = json.loads(json.dumps({d.id: d.fingerprint() for d in datasets}))
-    if old.get("cache_dtype") != _Options.from_config(config).dtype:
-        return f"cache_dtype {old.get('cache_dtype')} -> {_Options.from_config(config).dtype}"
+    dtype = _Options.from_config(config).dtype
+    if old.get("cache_dtype") != dtype:
+        return f"cache_dtype {old.get('cache_dtype')} -> {dtype}"
     changed = [d for d, fp in fingerprints.items() if old.get("datasets", {}).get(d) != fp]
     if changed:
         return f"datasets {changed} are new or their settings changed"
@@ -331,10 +342,8 @@ def pending(config) -> str | None:
     shards = _shard_infos(cache_dir)
     latest = _latest(shards)
     skipped_before = set(_read_report(cache_dir).skipped) if (cache_dir / REPORT_FILE).is_file() else set()
-    try:
+    with _dataset_errors(config):
         found = sources.discover(datasets)
-    except sources.DatasetConfigError as e:
-        raise CacheConfigError(f"data_backend_config={config.data_backend_config!r}: {e}") from None
     new = [it.key for it in found.items if it.key not in latest and it.key not in skipped_before]
     if new:
         return f"{len(new)} files not cached yet (e.g. {new[0]})"
@@ -736,15 +745,6 @@ def _read_report(cache_dir: Path) -> CacheReport:
                        data.get("replaced", 0), notes=data["config_notes"])
 
 
-def _unique_keys(pairs: list) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:  # json.loads would keep the last silently (and validation refuses the file)
-            raise ValueError(f"key {k!r} appears twice")
-        out[k] = v
-    return out
-
-
 def _prompt_library(config, notes: list) -> dict[str, str]:
     """The prompts to embed into validation_prompts.safetensors (name -> text); CacheConfigError naming the key and
     file for a library that is not a JSON object {name: prompt or {"prompt": ...}}."""
@@ -755,8 +755,10 @@ def _prompt_library(config, notes: list) -> dict[str, str]:
     key = "validation_prompt_library" if config.get("validation_prompt_library", None) else "user_prompt_library"
     lib = config.get(key, None)
     if isinstance(lib, str) and lib.lower() not in ("false", "none", "true", ""):
+        from wanjax.validation import no_duplicate_keys  # json.loads would keep the last silently
+
         try:
-            entries = json.loads(Path(lib).read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+            entries = json.loads(Path(lib).read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
         except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise CacheConfigError(f"{key}={lib!r}: unreadable ({type(e).__name__}: {e})") from None
         if not isinstance(entries, dict):

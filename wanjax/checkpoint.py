@@ -41,9 +41,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def steps(self) -> list[int]:
-        return sorted(int(s) for s in self.manager.all_steps())
-
     def save(self, step: int, state: Any, iterator: Any, meta: dict) -> None:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),

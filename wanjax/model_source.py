@@ -34,6 +34,11 @@ DEFAULT_FLAVOUR = "t2v-480p-1.3b-2.1"
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
+def looks_like_repo_id(path) -> bool:
+    """"org/name" that is not a local path: a hub repo id to fetch with huggingface_hub."""
+    return _HUB_ID.fullmatch(str(path)) is not None and not os.path.exists(path)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     pipeline: str  # diffusers pipeline folder or hub id: vae/, text_encoder/, tokenizer/, scheduler/
@@ -50,8 +55,7 @@ def resolve_model(config) -> ModelSource:
             raise ValueError(f"model_flavour={flavour!r}: expected one of {sorted(FLAVOURS)}")
         flavour_repo, flavour_sub = FLAVOURS[flavour]
     path = config.get("pretrained_model_name_or_path")
-    is_hub_id = bool(path) and _HUB_ID.fullmatch(str(path)) is not None and not os.path.exists(str(path))
-    if flavour and is_hub_id and str(path).lower() != flavour_repo.lower():
+    if flavour and path and looks_like_repo_id(path) and str(path).lower() != flavour_repo.lower():
         raise ValueError(f"pretrained_model_name_or_path={path!r} is not model_flavour={flavour!r}'s repo "
                          f"{flavour_repo!r}: set one of them (the other is then derived), or a local path")
     pipeline = str(path or flavour_repo or FLAVOURS[DEFAULT_FLAVOUR][0])

@@ -25,7 +25,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import sys
 import types
 from pathlib import Path
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wanjax import schedulers
+from wanjax.model_source import looks_like_repo_id
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import transformer_forward
 
@@ -272,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
 def _resolve_model(model: str) -> Path:
     path = Path(model)
     if not path.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        if not looks_like_repo_id(model):
             raise UsageError(f"--model {model}: no such folder (and not a hub repo id 'org/name')")
         import huggingface_hub as hf
 

@@ -78,6 +78,17 @@ def renoise_loop(
     return x
 
 
+def check_experts(experts: Sequence[str] | None, n: int) -> list[str] | None:
+    """A per-step expert list (the run's meta `student.experts`) for `n` student steps, checked: n entries, each
+    "semantic" or "detail" (ValueError otherwise). None stays None."""
+    if experts is None:
+        return None
+    experts = [str(e) for e in experts]
+    if len(experts) != n or not set(experts) <= {"semantic", "detail"}:
+        raise ValueError(f"experts={experts}: expected {n} entries, each 'semantic' or 'detail'")
+    return experts
+
+
 def euler_loop(
     denoise: Denoiser,
     adapter: Any,
@@ -98,10 +109,7 @@ def euler_loop(
         raise ValueError("a second adapter needs switch_sigma or the per-step experts list")
     sigmas = step_sigmas(sigmas)
     n = sigmas.shape[0]
-    if experts is not None:
-        experts = [str(e) for e in experts]
-        if len(experts) != n or not set(experts) <= {"semantic", "detail"}:
-            raise ValueError(f"experts={experts}: expected {n} entries, each 'semantic' or 'detail'")
+    experts = check_experts(experts, n)
     x = noise.astype(F32)
     b = x.shape[0]
     for i in range(n):

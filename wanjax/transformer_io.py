@@ -23,6 +23,7 @@ import numpy as np
 
 from wanjax import safetensors_io as stio
 from wanjax import weights
+from wanjax.model_source import looks_like_repo_id
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import param_shapes
 
@@ -204,10 +205,6 @@ def _download(repo_id: str, subfolder: str | None) -> tuple[Path, str | None]:
     return Path(hf.snapshot_download(repo_id, allow_patterns=patterns)), sub
 
 
-def _looks_like_repo_id(path: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not os.path.exists(path)
-
-
 def _one_line(e: BaseException, limit: int = 500) -> str:
     text = " ".join(str(e).split())  # hub errors span several lines
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -216,7 +213,7 @@ def _one_line(e: BaseException, limit: int = 500) -> str:
 def open_reader(path: str | os.PathLike, *, subfolder: str | None = None, **overrides) -> ParamReader:
     """The reader for any checkpoint `load_transformer` accepts (see there)."""
     spath = str(path)
-    if _looks_like_repo_id(spath):
+    if looks_like_repo_id(spath):
         # "org/name" that is not a local path: a hub repo id, or a local path mistyped / not created yet
         try:
             local, subfolder = _download(spath, subfolder)

@@ -159,7 +159,8 @@ def parse_resolution(value) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook for prompt libraries: a key given twice is a ValueError."""
     seen: dict[str, Any] = {}
     for k, v in pairs:
         if k in seen:  # json.loads would keep the last silently: a prompt would vanish from validation
@@ -170,7 +171,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def prompt_library(path: str) -> dict[str, str]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_no_duplicate_keys)
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
     except (OSError, ValueError) as e:
         raise ValidationConfigError(f"validation_prompt_library={path!r}: unreadable ({e})") from None
     if not isinstance(data, dict):

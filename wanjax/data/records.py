@@ -42,7 +42,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -437,25 +437,18 @@ class ShardInfo:
 def write_manifest(directory: str | os.PathLike, shards: Sequence[ShardInfo], *, latent_channels: int, text_dim: int,
                    text_len: int, datasets: Mapping[str, int] | None = None,
                    source: Mapping[str, Any] | None = None, prompt_only: Sequence[str] = (),
-                   active: Collection[str] | None = None,
                    active_records: Sequence[bool] | None = None) -> Manifest:
     """Make `directory` a complete cache over `shards` (files already complete, in this global record order):
     writes index.safetensors, then manifest.json last (atomically). `datasets`: id -> repeats, as for
-    `CacheWriter.close`; `prompt_only`: ids of datasets without latents; `active`: keys of the records to train on
-    (None: all); `active_records`: instead, one flag per record in global order. The others stay on disk, marked
-    inactive. Keys must be unique within a shard and among the active records (an item re-encoded after its file or
-    caption changed has several records: only one of them may be active)."""
+    `CacheWriter.close`; `prompt_only`: ids of datasets without latents; `active_records`: one flag per record in
+    global order, the records to train on (None: all); the others stay on disk, marked inactive. Keys must be unique
+    within a shard and among the active records (an item re-encoded after its file or caption changed has several
+    records: only one of them may be active)."""
     directory = Path(directory)
-    if active is not None and active_records is not None:
-        raise ValueError("give active or active_records, not both")
     n_records = sum(len(s.keys) for s in shards)
-    if active_records is not None:
-        flags = [bool(a) for a in active_records]
-        if len(flags) != n_records:
-            raise ValueError(f"active_records has {len(flags)} flags for {n_records} records")
-    else:
-        keep = None if active is None else set(active)
-        flags = [keep is None or k in keep for s in shards for k in s.keys]
+    flags = [True] * n_records if active_records is None else [bool(a) for a in active_records]
+    if len(flags) != n_records:
+        raise ValueError(f"active_records has {len(flags)} flags for {n_records} records")
     seen: set[str] = set()
     it = iter(flags)
     for s in shards:
