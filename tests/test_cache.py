@@ -949,3 +949,28 @@ def test_rerun_that_only_rewrites_the_manifest_loads_no_encoders(tmp_path, monke
     monkeypatch.setattr(cache, "load_encoders", lambda *a, **k: calls.append(a) or fake_encoders())
     (tmp_path / "keep" / "v0.txt").write_text("keep clip 0, edited")
     assert build_cache(cfg).encoded_here == 1 and len(calls) == 1 and pending(cfg) is None
+
+
+def test_load_encoders_fetches_hub_ids_only(tmp_path, monkeypatch):
+    """An "org/name" that is no local folder is downloaded (the call is real, the hub is not reached here); a missing
+    local path of another form ("./x/y", "a/b/c", "a/b c") is refused as a folder without a hub call."""
+    import huggingface_hub as hf
+
+    from wanjax import cache
+
+    calls = []
+
+    def offline(repo_id, **kw):
+        calls.append((repo_id, kw.get("allow_patterns")))
+        raise FileNotFoundError("offline here")
+
+    monkeypatch.setattr(hf, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="offline here"):
+        cache.load_encoders("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert calls == [("Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                      ["model_index.json", "vae/*", "text_encoder/*", "tokenizer/*"])]
+    for path in ("./missing/pipe", "a/b/c", "org/name with space"):
+        with pytest.raises(FileNotFoundError, match="not a Wan VAE folder"):
+            cache.load_encoders(path)
+    assert len(calls) == 1

@@ -416,6 +416,32 @@ def test_stale_partial_folders_of_killed_writers_are_removed(tmp_path, caplog):
     check_route(tmp_path / "dst", model, ref.T2V)
 
 
+def test_writer_killed_while_swapping_leaves_nothing_lost(tmp_path, caplog):
+    """Killed between moving the old output aside (`.{name}.old-<pid>`) and moving the new one in: the next write puts
+    the old output back when --dst is missing (it is only replaced by a finished write), and removes a leftover old
+    copy when --dst exists."""
+    model = ref.make_model(ref.T2V)
+    model.save_pretrained(tmp_path / "src")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    reader = transformer_io.open_reader(tmp_path / "src")
+    transformer_io.write_wanjax(reader, tmp_path / "dst")
+    swapped = tmp_path / f".dst.old-{dead.pid}"
+    (tmp_path / "dst").rename(swapped)
+    with caplog.at_level("WARNING", logger="wanjax.transformer_io"):
+        transformer_io.write_wanjax(reader, tmp_path / "dst", overwrite=True)
+    assert f"restoring {tmp_path / 'dst'} from {swapped}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    check_route(tmp_path / "dst", model, ref.T2V)
+
+    (swapped / "sub").mkdir(parents=True)  # dst exists: a leftover old copy is removed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wanjax.transformer_io"):
+        transformer_io.write_wanjax(reader, tmp_path / "dst", overwrite=True)
+    assert f"removing {swapped}" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+
+
 def test_missing_local_path_that_looks_like_a_repo_id(tmp_path, monkeypatch):
     """`output/my-ckpt` that does not exist is tried as a hub repo id (the call is real, the hub is not reached here);
     when that fails too, the error says both: no such local path, and why the hub lookup failed."""

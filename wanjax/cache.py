@@ -116,8 +116,10 @@ def load_encoders(pipeline_path: str, *, vae_batch_size: int = 1, text_batch_siz
     from wanjax import text_io, vae_io
     from wanjax.models import vae as vae_lib
 
+    from wanjax.model_source import looks_like_repo_id
+
     path = str(pipeline_path)
-    if not os.path.exists(path) and path.count("/") == 1:
+    if looks_like_repo_id(path):
         import huggingface_hub as hf
 
         path = hf.snapshot_download(path, allow_patterns=["model_index.json", "vae/*", "text_encoder/*",

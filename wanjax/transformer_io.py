@@ -314,7 +314,8 @@ class _AtomicDir:
 
     The temporary folder is `.{name}.partial-{pid}` beside `dst`. A writer that was killed leaves its partial
     folder behind; on start, partial folders of the same `dst` whose pid is not a running process on this host
-    are removed (and logged). Those of a running process are left alone, so a second writer started on this host
+    are removed (and logged); so is the `.{name}.old-{pid}` a writer killed while swapping left, or, when `dst` is
+    missing, it is put back. Those of a running process are left alone, so a second writer started on this host
     cannot delete a running one's work. Across hosts sharing a filesystem, one writer per `dst` at a time is
     assumed (a multi-host save writes from process 0 only): the pid of a writer running on another host means
     nothing here, and its partial folder would be taken for a stale one.
@@ -330,14 +331,21 @@ class _AtomicDir:
         self.tmp = self.dst.with_name(f".{self.dst.name}.partial-{os.getpid()}")
 
     def _remove_stale(self) -> None:
-        parent, prefix = self.dst.parent, f".{self.dst.name}.partial-"
+        parent, name = self.dst.parent, self.dst.name
         if not parent.is_dir():
             return
-        for p in parent.iterdir():
-            pid = p.name[len(prefix):] if p.name.startswith(prefix) else ""
-            if not pid.isdigit() or p == self.tmp or _pid_running(int(pid)):
+        for p in sorted(parent.iterdir()):
+            kind, _, pid = p.name[len(name) + 2:].partition("-") if p.name.startswith(f".{name}.") else ("", "", "")
+            if kind not in ("partial", "old") or not pid.isdigit() or p == self.tmp or _pid_running(int(pid)):
                 continue
-            logger.warning("removing %s: partial output of an earlier writer (pid %s) that did not finish", p, pid)
+            if kind == "old" and not self.dst.exists() and p.is_dir():
+                # killed between moving the previous output aside and moving the new one in: put it back
+                logger.warning("restoring %s from %s: an earlier writer (pid %s) stopped while replacing it",
+                               self.dst, p, pid)
+                os.replace(p, self.dst)
+                continue
+            logger.warning("removing %s: %s output of an earlier writer (pid %s) that did not finish", p,
+                           "partial" if kind == "partial" else "the replaced", pid)
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
