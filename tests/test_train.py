@@ -277,6 +277,14 @@ def test_report_to_other_than_wandb_or_none_refused_before_compute(assets, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+def test_seed_outside_32_bits_refused_before_compute(assets, tmp_path):
+    """JAX keys take 32 bits (2**32 + 5 would repeat seed 5's noise) and numpy refuses negative entropy."""
+    for key, value in (("seed", 2**32 + 5), ("seed", -1), ("validation_seed", 2**32)):
+        with pytest.raises(ConfigError, match=rf"{key}={value}: expected an integer in \[0, 2\*\*32\)"):
+            run(tiny_config(assets, tmp_path / "x", **{key: value}))
+    assert not (tmp_path / "x").exists()
+
+
 def test_custom_transformer_beside_the_pipeline(assets, tmp_path):
     """SimpleTuner's custom fine-tune keys: the transformer from pretrained_transformer_model_name_or_path (subfolder
     "none": the path is the transformer folder), VAE / text encoder / validation from the pipeline."""

@@ -73,6 +73,9 @@ def resolve(config) -> Resolved:
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}: expected one of {sorted(DTYPES)}")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("train_batch_size and gradient_accumulation_steps must be >= 1")
+    for key in ("seed", "validation_seed"):  # JAX keys take 32 bits: a larger seed would repeat a smaller one's noise
+        if config.get(key) is not None and not 0 <= config[key] < 2**32:
+            raise ConfigError(f"{key}={config[key]}: expected an integer in [0, 2**32)")
     if config.report_to not in REPORT_TO:
         raise ConfigError(f"report_to={config.report_to!r}: expected one of {REPORT_TO} (wanjax logs to "
                           "output_dir/metrics.jsonl and, with 'wandb', to Weights & Biases)")
