@@ -331,3 +331,33 @@ def test_cli_lora_for_another_architecture_is_a_usage_error(tiny_dir, tmp_path, 
             "--lora", str(tmp_path / "other.safetensors")]
     assert sample_mod.main(argv) == 2
     assert capsys.readouterr().err.startswith("error: --lora: ")
+
+
+def test_image_to_video_pipelines_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A Wan 2.2 I2V-style transformer (36 input channels: noise + image condition) or a Wan 2.1 I2V one (image
+    embedder) is a usage error before any weights load; `sample()` refuses it too, instead of a shape error inside
+    the loop."""
+    import dataclasses
+    import shutil
+
+    from wanjax.models.config import WanConfig
+
+    src = json.loads((tiny_dir / "pipeline" / "transformer" / "config.json").read_text())
+    _no_models(monkeypatch)
+    for change, reason in (({"in_channels": 36}, f"in_channels 36 != out_channels {src['out_channels']}"),
+                           ({"image_dim": 32, "added_kv_proj_dim": src["num_attention_heads"] *
+                             src["attention_head_dim"]}, "image_dim 32")):
+        pipe = tmp_path / "i2v"
+        shutil.rmtree(pipe, ignore_errors=True)
+        shutil.copytree(tiny_dir / "pipeline", pipe)
+        (pipe / "transformer" / "config.json").write_text(json.dumps({**src, **change}))
+        assert sample_mod.main(["--model", str(pipe), "--prompt", "p", "--out", str(tmp_path / "x.mp4")]) == 2
+        err = capsys.readouterr().err
+        assert f"an image-to-video model ({reason}); wanjax.sample runs text-to-video pipelines only" in err
+        cfg = WanConfig.from_diffusers({**src, **change})
+        assert cfg.image_conditioning == reason
+        with pytest.raises(ValueError, match=r"this is an image-to-video model \("):
+            sample_mod.sample(cfg, {}, jnp.zeros((1, cfg.in_channels, 1, 2, 2)), jnp.zeros((1, 4, cfg.text_dim)))
+    assert WanConfig.from_diffusers(src).image_conditioning == ""
+    assert dataclasses.replace(WanConfig.from_diffusers(src), in_channels=48, out_channels=48).image_conditioning == ""
+    assert not (tmp_path / "x.mp4").exists()

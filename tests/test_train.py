@@ -285,6 +285,38 @@ def test_seed_outside_32_bits_refused_before_compute(assets, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_low_flavour_reads_transformer_2_of_a_custom_pipeline(assets, tmp_path):
+    """model_flavour t2v-a14b-2.2-low with pretrained_transformer_model_name_or_path naming a pipeline folder: the
+    low-noise expert (transformer_2) is trained, as SimpleTuner does, not the pipeline's first transformer."""
+    import json
+    import shutil
+
+    from wanjax.train import resolve
+
+    pipe = tmp_path / "a14b"
+    shutil.copytree(assets / "pipeline", pipe)
+    shutil.copytree(pipe / "transformer", pipe / "transformer_2")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index.update(transformer_2=index["transformer"], boundary_ratio=0.875)
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    r = resolve(tiny_config(assets, tmp_path / "x", model_flavour="t2v-a14b-2.2-low",
+                            pretrained_model_name_or_path=str(assets / "pipeline"),
+                            pretrained_transformer_model_name_or_path=str(pipe)))
+    assert r.reader.source.startswith(str(pipe / "transformer_2"))
+
+
+def test_image_to_video_refused_before_compute(assets, tmp_path):
+    """An I2V flavour is refused before anything is read (no download); an I2V transformer at a path (36 input
+    channels) once its config is read, before weights or data."""
+    with pytest.raises(ConfigError, match="model_flavour='i2v-14b-2.2-low': image-to-video training is not "):
+        run(tiny_config(assets, tmp_path / "x", model_flavour="i2v-14b-2.2-low", pretrained_model_name_or_path=None))
+    ref.make_model(ref.I2V_PLAIN).save_pretrained(tmp_path / "i2v")
+    with pytest.raises(ConfigError, match="in_channels 8 != out_channels 4: image-conditioned"):
+        run(tiny_config(assets, tmp_path / "x", pretrained_transformer_model_name_or_path=str(tmp_path / "i2v"),
+                        pretrained_transformer_subfolder="none"))
+    assert not (tmp_path / "x").exists()
+
+
 def test_custom_transformer_beside_the_pipeline(assets, tmp_path):
     """SimpleTuner's custom fine-tune keys: the transformer from pretrained_transformer_model_name_or_path (subfolder
     "none": the path is the transformer folder), VAE / text encoder / validation from the pipeline."""

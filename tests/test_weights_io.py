@@ -51,8 +51,10 @@ def test_route_diffusers_folder_sharded(tmp_path):
     check_route(tmp_path, model, ref.T2V)
 
 
-@pytest.mark.parametrize("subfolder", [None, "transformer", "transformer_2"])
-def test_route_pipeline_folder_two_experts(tmp_path, subfolder):
+@pytest.mark.parametrize("subfolder,expert", [(None, None), ("transformer", None), ("transformer_2", None),
+                                               (None, "transformer_2"), ("transformer", "transformer_2")])
+def test_route_pipeline_folder_two_experts(tmp_path, subfolder, expert):
+    """`expert` (a -low flavour's transformer_2) is read when the path is a pipeline and no subfolder is given."""
     high, low = ref.make_model(ref.T2V, seed=1), ref.make_model(ref.T2V, seed=2)
     high.save_pretrained(tmp_path / "transformer")
     low.save_pretrained(tmp_path / "transformer_2")
@@ -60,8 +62,8 @@ def test_route_pipeline_folder_two_experts(tmp_path, subfolder):
         json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
                     "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875})
     )
-    expected = low if subfolder == "transformer_2" else high
-    check_route(tmp_path, expected, ref.T2V, subfolder=subfolder)
+    expected = low if (subfolder or expert) == "transformer_2" else high
+    check_route(tmp_path, expected, ref.T2V, subfolder=subfolder, **({"expert": expert} if expert else {}))
 
 
 @pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model.", ""])

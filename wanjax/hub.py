@@ -282,7 +282,7 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
     source = resolve_model(config)
     return model_card(base_model=source.pipeline, method=method, settings=settings,
                       repo_id=repo_id, validation=validation, lora=lora, sampling=sampling,
-                      transformer="transformer_2" if source.subfolder == "transformer_2" else "transformer", note=note,
+                      transformer="transformer_2" if source.expert == "transformer_2" else "transformer", note=note,
                       single_expert=lora and method in ("dmd", "dcm") and _two_expert_base(config, source))
 
 
@@ -290,7 +290,7 @@ def _two_expert_base(config, source) -> bool:
     """Whether the base pipeline has two experts (Wan 2.2 A14B): a -high/-low flavour, the transformer_2
     subfolder, or a local pipeline folder whose model_index.json names transformer_2 and a boundary_ratio."""
     flavour = str(config.get("model_flavour") or "")
-    if flavour.endswith(("-2.2-high", "-2.2-low")) or source.subfolder == "transformer_2":
+    if flavour.endswith(("-2.2-high", "-2.2-low")) or "transformer_2" in (source.subfolder, source.expert):
         return True
     index = Path(source.pipeline) / "model_index.json"
     try:

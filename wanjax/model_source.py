@@ -8,7 +8,10 @@
 - `pretrained_transformer_model_name_or_path`: a transformer from elsewhere (a fine-tune: a pipeline or transformer
   folder, a hub id, or a single .safetensors file); None: the pipeline's.
 - `pretrained_transformer_subfolder`: its subfolder; "none" (SimpleTuner's spelling) or "": the path is the
-  transformer itself; None: the flavour's (else "transformer") in the pipeline, detected in a custom path.
+  transformer itself; None: the flavour's expert (else "transformer") in the pipeline, and in a custom path that
+  turns out to be a pipeline (`ModelSource.expert`). Naming the other expert than a -high / -low flavour's is
+  refused (SimpleTuner trains the flavour's stage whatever the subfolder says).
+- Image-to-video flavours are refused here, before any download: wanjax's cache holds no image conditioning.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ FLAVOURS = {
     "ti2v-5b-2.2": ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "transformer"),
 }
 DEFAULT_FLAVOUR = "t2v-480p-1.3b-2.1"
+IMAGE_FLAVOURS = ("i2v-", "flf2v-")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -43,7 +47,8 @@ def looks_like_repo_id(path) -> bool:
 class ModelSource:
     pipeline: str  # diffusers pipeline folder or hub id: vae/, text_encoder/, tokenizer/, scheduler/
     transformer: str  # the transformer checkpoint: the pipeline, or pretrained_transformer_model_name_or_path
-    subfolder: str | None  # inside `transformer`; None: the path itself (or the loader's pipeline detection)
+    subfolder: str | None  # inside `transformer`; None: the path itself, or `expert` when the path is a pipeline
+    expert: str = "transformer"  # the pipeline's expert this run trains: "transformer_2" for a -low flavour
 
 
 def resolve_model(config) -> ModelSource:
@@ -54,6 +59,9 @@ def resolve_model(config) -> ModelSource:
         if flavour not in FLAVOURS:
             raise ValueError(f"model_flavour={flavour!r}: expected one of {sorted(FLAVOURS)}")
         flavour_repo, flavour_sub = FLAVOURS[flavour]
+        if flavour.startswith(IMAGE_FLAVOURS):
+            raise ValueError(f"model_flavour={flavour!r}: image-to-video training is not supported (wanjax's cache "
+                             "holds no image conditioning); train a text-to-video flavour")
     path = config.get("pretrained_model_name_or_path")
     if flavour and path and looks_like_repo_id(path) and str(path).lower() != flavour_repo.lower():
         raise ValueError(f"pretrained_model_name_or_path={path!r} is not model_flavour={flavour!r}'s repo "
@@ -61,8 +69,13 @@ def resolve_model(config) -> ModelSource:
     pipeline = str(path or flavour_repo or FLAVOURS[DEFAULT_FLAVOUR][0])
     custom = config.get("pretrained_transformer_model_name_or_path")
     sub = config.get("pretrained_transformer_subfolder")
+    expert = flavour_sub or "transformer"
     if isinstance(sub, str) and sub.strip().lower() in ("none", ""):
         sub = None
     elif sub is None and not custom:
-        sub = flavour_sub or "transformer"
-    return ModelSource(pipeline=pipeline, transformer=str(custom or pipeline), subfolder=sub)
+        sub = expert
+    two_experts = flavour and flavour.endswith(("-2.2-high", "-2.2-low"))
+    if two_experts and sub in ("transformer", "transformer_2") and sub != expert:
+        raise ValueError(f"pretrained_transformer_subfolder={sub!r} is the other expert than model_flavour="
+                         f"{flavour!r} trains ({expert!r}): drop the subfolder, or pick the flavour of that expert")
+    return ModelSource(pipeline=pipeline, transformer=str(custom or pipeline), subfolder=sub, expert=expert)

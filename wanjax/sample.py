@@ -136,6 +136,9 @@ def sample(
     guidance_scale_2 (default guidance_scale). `progress(i)` is called on the host after each step i (0-based),
     e.g. a tqdm bar's update; with it, this call blocks until the loop is done.
     """
+    if config.image_conditioning:
+        raise ValueError(f"this is an image-to-video model ({config.image_conditioning}): wanjax samples "
+                         "text-to-video models only (no image conditioning)")
     guidance_scale = float(guidance_scale)
     if boundary_ratio is None:
         if guidance_scale_2 is not None:
@@ -334,6 +337,9 @@ def _run(args: argparse.Namespace) -> int:
     index = _read_json(model / "model_index.json")
     tr_cfg = WanConfig.from_diffusers(_read_json(model / "transformer" / "config.json"),
                                       source=str(model / "transformer" / "config.json"))
+    if tr_cfg.image_conditioning:
+        raise UsageError(f"{model / 'transformer'}: an image-to-video model ({tr_cfg.image_conditioning}); "
+                         "wanjax.sample runs text-to-video pipelines only")
     check_video_size(height, width, frames, temporal=vae_config.temporal_factor,
                      multiple=vae_config.spatial_factor * tr_cfg.patch_size[1])
     boundary_ratio = index.get("boundary_ratio")

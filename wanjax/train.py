@@ -96,16 +96,16 @@ def resolve(config) -> Resolved:
     key = ("pretrained_transformer_model_name_or_path" if config.get("pretrained_transformer_model_name_or_path")
            else "pretrained_model_name_or_path")
     try:
-        reader = open_reader(path, subfolder=sub)
+        reader = open_reader(path, subfolder=sub, expert=source.expert)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"{key}={path!r}: {e}") from None
     except Exception as e:  # hub errors (offline, missing repo) come in many types
         raise ConfigError(f"{key}={path!r}: not a local path and the hub download failed: {e}") from None
     model = reader.config
-    if model.in_channels != model.out_channels:
+    if model.image_conditioning:
         raise ConfigError(
-            f"{path}: in_channels {model.in_channels} != out_channels {model.out_channels}: image-conditioned (I2V) "
-            "training needs conditioning latents in the cache, which the LoRA trainer does not build yet"
+            f"{path}: {model.image_conditioning}: image-conditioned (I2V) training needs conditioning latents in the "
+            "cache, which the LoRA trainer does not build yet"
         )
 
     if config.data_backend_config:

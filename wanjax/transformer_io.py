@@ -189,14 +189,14 @@ def _single_file(path: Path, overrides: dict) -> DiffusersReader:
     return DiffusersReader(store, config, names, str(path))
 
 
-def _download(repo_id: str, subfolder: str | None) -> tuple[Path, str | None]:
+def _download(repo_id: str, subfolder: str | None, expert: str) -> tuple[Path, str | None]:
     """Fetch only the transformer part of a hub repo (model or pipeline) with huggingface_hub."""
     import huggingface_hub as hf
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
         hf.hf_hub_download(repo_id, "model_index.json")
-        sub = subfolder or "transformer"
+        sub = subfolder or expert
         patterns = [f"{sub}/*.json", f"{sub}/*.safetensors", "model_index.json"]
     except EntryNotFoundError:  # a model repo (or offline: snapshot_download then tries the local cache)
         sub = subfolder
@@ -210,13 +210,15 @@ def _one_line(e: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def open_reader(path: str | os.PathLike, *, subfolder: str | None = None, **overrides) -> ParamReader:
-    """The reader for any checkpoint `load_transformer` accepts (see there)."""
+def open_reader(path: str | os.PathLike, *, subfolder: str | None = None, expert: str = "transformer",
+                **overrides) -> ParamReader:
+    """The reader for any checkpoint `load_transformer` accepts (see there). `expert`: the subfolder read when `path`
+    is a pipeline and `subfolder` is None ("transformer_2": Wan 2.2 A14B's low-noise expert)."""
     spath = str(path)
     if looks_like_repo_id(spath):
         # "org/name" that is not a local path: a hub repo id, or a local path mistyped / not created yet
         try:
-            local, subfolder = _download(spath, subfolder)
+            local, subfolder = _download(spath, subfolder, expert)
         except Exception as e:  # offline, no such repo, gated, network: say both what was tried and why
             raise FileNotFoundError(
                 f"{spath}: no such local file or directory, and fetching it as hub repo id {spath!r} failed "
@@ -231,7 +233,7 @@ def open_reader(path: str | os.PathLike, *, subfolder: str | None = None, **over
             raise ValueError(f"{p}: single-file checkpoints must be .safetensors")
         return _single_file(p, overrides)
     if subfolder is None and (p / "model_index.json").exists():
-        subfolder = "transformer"
+        subfolder = expert
     if subfolder is not None:
         if not (p / subfolder).is_dir():
             raise FileNotFoundError(f"{p}: pipeline folder has no {subfolder!r} subfolder")

@@ -76,6 +76,14 @@ class WanConfig:
     def has_image_embedder(self) -> bool:
         return self.image_dim is not None
 
+    @property
+    def image_conditioning(self) -> str:
+        """Why this is an image-to-video model, which wanjax does not train or sample ("": text-to-video, TI2V-5B
+        included: its image enters as clean latent frames, not as extra channels)."""
+        if self.in_channels != self.out_channels:
+            return f"in_channels {self.in_channels} != out_channels {self.out_channels}"
+        return f"image_dim {self.image_dim}" if self.has_image_embedder else ""
+
     # -- diffusers config.json <-> WanConfig -------------------------------------------------------------
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any], *, source: str = "config") -> "WanConfig":
