@@ -138,6 +138,35 @@ def test_generator_updates_counted_in_optimizer_steps():
     assert all(a != b for a, b in zip(crits, crits[1:]))
 
 
+def test_generator_lr_follows_the_trainer_step():
+    """With generator_update_interval=2 the generator's lr is the schedule at the trainer's step (SimpleTuner steps
+    its scheduler every global step), not at its own update count, and the logged lr is the applied one. Lion moves
+    each weight by exactly lr (sign update, no weight decay): linear 0.1 -> 0 over 5 steps gives 0.1, 0.06, 0.02."""
+    cfg = dmd.DMDConfig(generator_update_interval=2)
+    ocfg = optim.OptimConfig(optimizer="lion", learning_rate=0.1, lr_scheduler="linear", max_train_steps=5)
+    gen_opt, crit_opt = optim.make_optimizer(ocfg), optax.sgd(0.1)
+
+    def forward(base, adapter, x, t, ctx):
+        return _fake_denoise(adapter, x, t / 1000.0, ctx) * base["scale"]
+
+    gen, critic = {"w": jnp.asarray(0.3)}, {"w": jnp.asarray(0.0)}
+    state = dmd.DMDState(step=jnp.asarray(0, jnp.int32), gen=gen, gen_opt=gen_opt.init(gen), critic=critic,
+                         critic_opt=crit_opt.init(critic), ema=None, rng=jax.random.key_data(jax.random.key(0)))
+    frozen = dmd.DMDFrozen(params={"scale": jnp.asarray(1.0)}, uncond=jnp.zeros((3, 4)))
+    batch = {"latents": jnp.zeros((2, 2, 1, 2, 2)), "prompt_embeds": jnp.ones((2, 3, 4))}
+    step = jax.jit(lambda s, f, b: dmd.dmd_step(s, f, b, forward=forward, gen_adapter=lambda p: p,
+                                                critic_adapter=lambda p: p, cfg=cfg, gen_optimizer=gen_opt,
+                                                critic_optimizer=crit_opt, schedule=optim.make_schedule(ocfg)))
+    moves, logged = [], []
+    for _ in range(5):
+        before = float(state.gen["w"])
+        state, m = step(state, frozen, batch)
+        moves.append(abs(float(state.gen["w"]) - before))
+        logged.append(float(m["lr"]))
+    np.testing.assert_allclose(moves, [0.1, 0.0, 0.06, 0.0, 0.02], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(logged, [0.1, 0.08, 0.06, 0.04, 0.02], rtol=1e-5)
+
+
 def test_two_phase_programs_equal_the_one_program_step():
     """The trainer runs dmd_generator_phase and dmd_critic_phase as two jitted programs (lower peak memory): same
     states and metrics as dmd_step in one program, over generator and critic-only steps, with EMA."""

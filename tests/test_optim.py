@@ -183,6 +183,50 @@ def test_adamw_matches_torch(name, betas, eps, wd, scheduled):
         np.testing.assert_allclose(np.asarray(ours_p["b"]["c"]), tp[1].detach().numpy(), rtol=1e-6, atol=1e-6)
 
 
+def test_update_at_a_trainer_step_matches_torch():
+    """A student updated on trainer steps 0, 3, 6 only (DMD generator_update_interval=3) takes the lr of those steps,
+    as torch does when its scheduler steps every global step: AdamW with the lr set per update."""
+    params, grads = rand_tree(1), [rand_tree(20 + i) for i in range(3)]
+    cfg = OptimConfig(optimizer="torch-adamw", learning_rate=1e-2, grad_clip_method="none", lr_scheduler="linear",
+                      lr_warmup_steps=2, max_train_steps=9)
+    tx, sched = optim.make_optimizer(cfg), optim.make_schedule(cfg)
+    ours_p = jax.tree.map(jnp.asarray, params)
+    state = tx.init(ours_p)
+    step = jax.jit(lambda g, st, p, s: optim.update_at(tx, g, st, p, s))
+    tp = [torch.nn.Parameter(t) for t in to_torch(params)]
+    opt = torch.optim.AdamW(tp, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    for trainer_step, g in zip((0, 3, 6), grads):
+        updates, state = step(jax.tree.map(jnp.asarray, g), state, ours_p, jnp.asarray(trainer_step))
+        ours_p = optax.apply_updates(ours_p, updates)
+        opt.param_groups[0]["lr"] = float(sched(trainer_step))  # 0, 1e-2 * 6/7, 1e-2 * 3/7
+        for p, gt in zip(tp, to_torch(g)):
+            p.grad = gt
+        opt.step()
+        np.testing.assert_allclose(np.asarray(ours_p["a"]), tp[0].detach().numpy(), rtol=1e-6, atol=1e-6)
+    # every other optimizer takes the step too (schedule-free keeps its own warmup), and step == count is no change
+    for name in optim.OPTIMIZERS:
+        tx = optim.make_optimizer(OptimConfig(optimizer=name, learning_rate=1e-2, lr_scheduler="linear",
+                                              max_train_steps=9))
+        p0 = jax.tree.map(jnp.asarray, params)
+        g = jax.tree.map(jnp.asarray, grads[0])
+        by_count, _ = tx.update(g, tx.init(p0), p0)
+        at_0, _ = optim.update_at(tx, g, tx.init(p0), p0, jnp.asarray(0))
+        at_6, _ = optim.update_at(tx, g, tx.init(p0), p0, jnp.asarray(6))
+        np.testing.assert_array_equal(np.asarray(at_0["a"]), np.asarray(by_count["a"]))
+        if name != "adamw_schedulefree":
+            assert not np.allclose(np.asarray(at_6["a"]), np.asarray(by_count["a"]), rtol=1e-3, atol=0), name
+
+
+def test_schedulefree_logs_the_lr_it_applies(caplog):
+    """adamw_schedulefree ignores lr_scheduler (its own warmup, then constant): the schedule the trainer logs is that
+    one, with a warning naming the ignored scheduler."""
+    with caplog.at_level(logging.WARNING, logger="wanjax.optim"):
+        lrs = optim.make_schedule(OptimConfig(optimizer="adamw_schedulefree", learning_rate=1e-2,
+                                              lr_scheduler="linear", lr_warmup_steps=2, max_train_steps=6))
+    np.testing.assert_allclose(np.asarray(lrs(jnp.arange(6))), [0, 5e-3, 1e-2, 1e-2, 1e-2, 1e-2], rtol=1e-6)
+    assert "lr_scheduler='linear' is not used by adamw_schedulefree" in caplog.text
+
+
 def test_adamw_bf16_matches_simpletuner_formula():
     params, grads = rand_tree(2), [rand_tree(20 + i) for i in range(5)]
     cfg = OptimConfig(optimizer="adamw_bf16", learning_rate=1e-2, grad_clip_method="none")

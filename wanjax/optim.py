@@ -85,6 +85,12 @@ def _scheduler_name(cfg: OptimConfig) -> str:
         name = "constant_with_warmup"
     if name not in SCHEDULERS:
         raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    if _optimizer_spec(cfg.optimizer).kind == "schedulefree":  # its own warmup then constant, whatever lr_scheduler
+        ruled = "constant_with_warmup" if cfg.lr_warmup_steps > 0 else "constant"
+        if name != ruled:
+            logger.warning("lr_scheduler=%r is not used by %s (schedule-free: lr_warmup_steps of warmup, then "
+                           "constant); the logged lr is the one it applies", cfg.lr_scheduler, cfg.optimizer)
+        name = ruled
     return name
 
 
@@ -314,12 +320,42 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     gradient_accumulation_steps > 1 wraps everything in optax.MultiSteps (mean of the micro-step gradients, one inner
     update per k calls, zero updates in between); with 1 it is not wrapped, which saves a gradient-sized buffer.
     `update` needs `params`. The state holds only arrays (jit / shard it like the params).
+    `update(..., step=s)` reads the schedule at the trainer's step s (optimizer steps done, traced) instead of the
+    optimizer's own update count: a student updated on some steps only (DMD's generator_update_interval, DCM's dual
+    experts) follows the run's schedule, as SimpleTuner's scheduler steps every global step. Without `step` the
+    count is used (equal when every step updates).
     """
     spec = _optimizer_spec(cfg.optimizer)
     if cfg.gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
     hp = optimizer_hyperparams(cfg)
     schedule = make_schedule(cfg)
+    safeguard = float(schedule(0)) == 0.0
+    tx = _build(cfg, spec, hp, schedule, safeguard=safeguard)
+    if spec.kind == "schedulefree":  # its lr is its own warmup over its own count (SimpleTuner: the same)
+        return tx
+
+    def update(updates, state, params=None, *, step=None, **extra):
+        at = tx if step is None else _build(cfg, spec, hp, lambda _: schedule(step), safeguard=safeguard)
+        return at.update(updates, state, params, **extra)
+
+    return StepScheduled(tx.init, update)
+
+
+class StepScheduled(optax.GradientTransformationExtraArgs):
+    """A transformation whose `update` takes `step=`: the trainer's step its lr schedule is read at."""
+
+
+def update_at(tx: optax.GradientTransformation, grads, opt_state, params, step):
+    """`tx.update` with the lr of trainer step `step` when `tx` reads it (`make_optimizer`'s), else by its count."""
+    if isinstance(tx, StepScheduled):
+        return tx.update(grads, opt_state, params, step=step)
+    return tx.update(grads, opt_state, params)
+
+
+def _build(cfg: OptimConfig, spec: _Spec, hp: dict[str, Any], schedule: optax.Schedule, *, safeguard: bool
+           ) -> optax.GradientTransformationExtraArgs:
+    """`make_optimizer`'s chain with the lr `schedule` (its state does not depend on the schedule)."""
     if spec.kind == "adamw":
         tx = optax.adamw(schedule, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], weight_decay=hp["weight_decay"])
     elif spec.kind == "adamw_bf16":
@@ -335,7 +371,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformationExtraArgs:
     elif spec.kind == "prodigy":
         tx = optax.contrib.prodigy(
             schedule, betas=(hp["b1"], hp["b2"]), eps=hp["eps"], estim_lr0=hp["d0"], estim_lr_coef=hp["d_coef"],
-            weight_decay=hp["weight_decay"], safeguard_warmup=float(schedule(0)) == 0.0,
+            weight_decay=hp["weight_decay"], safeguard_warmup=safeguard,
         )
         if cfg.prodigy_steps:
             tx = _freeze_prodigy_d(tx, int(cfg.prodigy_steps))

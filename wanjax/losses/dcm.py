@@ -33,6 +33,7 @@ from wanjax.models.transformer import (
     _check_inputs,
     rope_tables,
 )
+from wanjax import optim
 from wanjax.schedules import shift_sigma
 
 F32 = jnp.float32
@@ -437,7 +438,7 @@ def dcm_step(
             return total, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = optim.update_at(optimizer, grads, opt_state, params, state.step)
         params = optax.apply_updates(params, updates)
         metrics = {"dcm_loss": loss, "semantic_loss": aux["semantic_loss"], "temporal_loss": aux["temporal_loss"],
                    "grad_norm": optax.global_norm(grads), "interval_mean": j.astype(F32).mean()}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from wanjax import optim
 from wanjax.schedules import shift_sigma
 
 Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -269,7 +270,7 @@ def dmd_generator_phase(
 
     def update(_):
         (loss, aux), grads = jax.value_and_grad(gen_total, has_aux=True)(state.gen)
-        updates, opt = gen_optimizer.update(grads, state.gen_opt, state.gen)
+        updates, opt = optim.update_at(gen_optimizer, grads, state.gen_opt, state.gen, state.step)
         return optax.apply_updates(state.gen, updates), opt, loss, optax.global_norm(grads), aux["x_gen"]
 
     def skip(_):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wanjax import schedules
+from wanjax import optim, schedules
 from wanjax.lora import LoraWeights
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import transformer_forward
@@ -127,7 +127,7 @@ def train_step(
     (loss, aux, grads), _ = jax.lax.scan(micro, (jnp.zeros(()), aux0, zeros), (jnp.arange(accum), batch))
     loss, grads = loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
     aux = jax.tree_util.tree_map(lambda a: a / accum, aux)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+    updates, opt_state = optim.update_at(optimizer, grads, state.opt_state, state.lora, state.step)
     lora = optax.apply_updates(state.lora, updates)
     ema = state.ema if ema_update is None else ema_update(state.ema, lora, state.step + 1)
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads), **aux}
