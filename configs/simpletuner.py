@@ -364,10 +364,15 @@ def _node(c, dotted: str):
     return node, leaf
 
 
+# SimpleTuner's null for settings wanjax spells with a number: update the EMA every step, keep every checkpoint
+NULL_MEANS = {"ema_update_interval": 1, "checkpoints_total_limit": 0}
+
+
 def _set(c, dotted: str, value):
     """Set `dotted` to `value` converted to the field's declared type (placeholders keep theirs); a null only where
-    the default is None."""
+    the default is None, or where SimpleTuner's null has a wanjax number (NULL_MEANS)."""
     node, leaf = _node(c, dotted)
+    value = NULL_MEANS.get(dotted, value) if value is None else value
     if value is None:
         if node[leaf] is not None:
             raise ValueError(f"this setting cannot be unset (wanjax's default: {node[leaf]!r})")

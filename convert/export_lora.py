@@ -66,6 +66,32 @@ def restore_host(state_dir: Path, keys) -> dict:
     return {k: state[k] for k in item}
 
 
+def schedule_free_x(opt_state, params):
+    """A schedule-free optimizer's evaluation weights x = (y - (1 - b1) z) / b1 (optax's schedule_free_eval_params)
+    from a restored optimizer state (its ScheduleFreeState saved as a dict with `b1` and `z`); None if it has none."""
+    import jax
+    import numpy as np
+
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "b1" in node and "z" in node:
+                found.append(node)
+                return
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v)
+
+    walk(opt_state)
+    if not found:
+        return None
+    b1, z = float(np.asarray(found[0]["b1"])), found[0]["z"]
+    return jax.tree_util.tree_map(lambda y, zi: ((y - (1.0 - b1) * zi) / b1).astype(y.dtype), params, z)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--src", required=True)
@@ -78,15 +104,25 @@ def main(argv=None):
         from wanjax import lora as lora_lib
 
         ckpt = find_checkpoint(Path(args.src).absolute())
-        meta = read_meta(ckpt)["lora"]
+        run_meta = read_meta(ckpt)
+        meta = run_meta["lora"]
         state_key = meta.get("state_key", "lora")  # "gen" for a DMD / DCM student
-        state = restore_host(ckpt / "state", (state_key,) if args.weights == "lora" else (state_key, "ema"))
+        opt_key = meta.get("opt_key", "opt_state")  # its optimizer state
+        # a schedule-free optimizer trains the y sequence; its weights to use are x, from the optimizer state
+        schedule_free = "schedulefree" in str(run_meta.get("optimizer", ""))
+        keys = (state_key,) + (() if args.weights == "lora" else ("ema",)) + ((opt_key,) if schedule_free else ())
+        state = restore_host(ckpt / "state", keys)
         ema = state.get("ema")
         if args.weights == "ema" and not ema:
             raise ValueError(f"{ckpt}: --weights ema, but this run kept no EMA")
         if state_key not in state:
             raise ValueError(f"{ckpt / 'state'}: no {state_key!r} entry (the trained LoRA the metadata names)")
         trained = state[state_key]
+        if schedule_free:
+            trained = schedule_free_x(state.get(opt_key), trained)
+            if trained is None:
+                raise ValueError(f"{ckpt / 'state'}: trained with {run_meta['optimizer']} but its {opt_key!r} holds no "
+                                 "schedule-free state (b1, z) to compute the weights from")
         params = ema if (args.weights == "ema" or (args.weights == "auto" and ema)) else trained
         lora = lora_lib.LoraWeights(params=params, rank=int(meta["rank"]), alpha=float(meta["alpha"]),
                                     targets=tuple(meta["targets"]))

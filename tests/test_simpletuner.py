@@ -93,6 +93,13 @@ def test_wrong_types_are_refused(tmp_path, data, parts):
     refused(tmp_path, data, *parts)
 
 
+def test_simpletuner_nulls_with_a_wanjax_number(tmp_path):
+    """SimpleTuner's null ema_update_interval updates the EMA every step, its null checkpoints_total_limit keeps every
+    checkpoint: wanjax's 1 and 0."""
+    c = load(tmp_path, {"ema_update_interval": None, "checkpoints_total_limit": None, "use_ema": True})
+    assert c.ema_update_interval == 1 and c.checkpoints_total_limit == 0
+
+
 def test_values_are_converted_by_declared_type(tmp_path):
     c = load(tmp_path, {"validation_seed": "42", "validation_resolution": 480, "lora_rank": "16", "lora_alpha": 8,
                         "learning_rate": "1e-4", "train_batch_size": 2.0, "push_to_hub": "false",

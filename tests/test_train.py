@@ -104,6 +104,47 @@ def test_tiny_run_lora_loads_in_diffusers(assets, tmp_path):
         assert x == y
 
 
+def test_schedule_free_exports_its_evaluation_weights(assets, tmp_path):
+    """adamw_schedulefree trains the y sequence; the weights to save and validate are x = (y - (1 - b1) z) / b1. The
+    trainer's export (optax's schedule_free_eval_params) and convert/export_lora.py (from the checkpoint's optimizer
+    state) write the same x, which is not y. Resuming such a checkpoint with another optimizer is refused."""
+    import jax
+
+    out = tmp_path / "sf"
+    run(tiny_config(assets, out, max_train_steps=3, checkpoint_step_interval=3, optimizer="adamw_schedulefree",
+                    lr_warmup_steps=0, learning_rate=1e-2))
+    sys.path.insert(0, str(ROOT / "convert"))
+    try:
+        import export_lora
+    finally:
+        sys.path.pop(0)
+    y = export_lora.restore_host(out / "checkpoints" / "3" / "state", ("lora",))["lora"]
+    exported = tmp_path / "exported.safetensors"
+    r = subprocess.run([sys.executable, str(ROOT / "convert" / "export_lora.py"), "--src", str(out), "--dst",
+                        str(exported)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    trainer = lora_lib.load_lora(out / "pytorch_lora_weights.safetensors").params
+    tool = lora_lib.load_lora(exported).params
+    for a, b, raw in zip(*(jax.tree_util.tree_leaves(t) for t in (trainer, tool, y))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(raw)).max()) for a, raw in
+               zip(jax.tree_util.tree_leaves(trainer), jax.tree_util.tree_leaves(y)))
+    assert diff > 1e-4
+    with pytest.raises(ConfigError, match="optimizer: saved 'adamw_schedulefree', now 'adamw'"):
+        run(tiny_config(assets, out, max_train_steps=4, optimizer="adamw", resume_from_checkpoint="latest"))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("log_every", 0, "log_every=0: expected >= 1"),
+    ("checkpoints_total_limit", -1, "checkpoints_total_limit=-1: expected >= 0"),
+    ("lora_export_format", "kohya", "lora_export_format='kohya': expected one of"),
+])
+def test_bad_run_settings_refused_before_compute(assets, tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        run(tiny_config(assets, tmp_path / "x", **{key: value}))
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_is_exact(assets, tmp_path):
     """3 steps + resume + 3 steps logs the same losses as 6 uninterrupted steps."""
     common = dict(checkpoint_step_interval=3, use_ema=True)

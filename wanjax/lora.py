@@ -454,13 +454,16 @@ def lora_file(path: str | os.PathLike) -> Path:
     return p / DIFFUSERS_FILE if as_folder else p
 
 
+FORMATS = ("diffusers", "comfyui")  # what save_lora writes
+
+
 def save_lora(lora: LoraWeights, path: str | os.PathLike, *, format: str = "diffusers") -> Path:
     """Write `lora` for diffusers' `WanPipeline.load_lora_weights` (format="diffusers": PEFT keys, alpha in the
     header metadata) or for ComfyUI / original-Wan tools (format="comfyui": lora_down / lora_up, `.alpha`,
     `.diff_b`). `path` ending in `.safetensors` is the file; any other `path` is a folder (created if needed) that
     gets `pytorch_lora_weights.safetensors` (see `lora_file`). Tensors keep the adapter's dtype. Returns the file."""
-    if format not in ("diffusers", "comfyui"):
-        raise ValueError(f"format={format!r}: expected 'diffusers' or 'comfyui'")
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: expected one of {FORMATS}")
     path = lora_file(path)
     folder = path.parent
     if folder.exists() and not folder.is_dir():

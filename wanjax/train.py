@@ -73,6 +73,13 @@ def resolve(config) -> Resolved:
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}: expected one of {sorted(DTYPES)}")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("train_batch_size and gradient_accumulation_steps must be >= 1")
+    if config.log_every < 1:
+        raise ConfigError(f"log_every={config.log_every}: expected >= 1 (log every N optimizer steps)")
+    if config.checkpoints_total_limit < 0:
+        raise ConfigError(f"checkpoints_total_limit={config.checkpoints_total_limit}: expected >= 0 (0 keeps every "
+                          "checkpoint)")
+    if config.lora_export_format not in lora_lib.FORMATS:
+        raise ConfigError(f"lora_export_format={config.lora_export_format!r}: expected one of {lora_lib.FORMATS}")
     for key in ("seed", "validation_seed"):  # JAX keys take 32 bits: a larger seed would repeat a smaller one's noise
         if config.get(key) is not None and not 0 <= config[key] < 2**32:
             raise ConfigError(f"{key}={config[key]}: expected an integer in [0, 2**32)")
@@ -321,7 +328,7 @@ def run(config) -> dict:
     start = 0
     if resume is not None:
         ckpt_dir, step = resume
-        _check_resume_meta(ckpt_dir / str(step), method)
+        _check_resume_meta(ckpt_dir / str(step), method, config.optimizer)
         source = ckpt if ckpt_dir == ckpt.directory else Checkpointer(directory=ckpt_dir, max_to_keep=None)
         try:
             state, _, data_changed = source.restore(step, _abstract(abstract, state_shardings), iterator)
@@ -356,7 +363,8 @@ def run(config) -> dict:
     writer = MetricsWriter(output_dir, report_to=config.report_to, project=config.tracker_project_name,
                            run_name=config.tracker_run_name, config=config.to_dict(), total_steps=total,
                            initial_step=start, resume=resume is not None, loss_key=method.loss_key)
-    meta = {**method.meta, "method": method.name, "model": model.to_diffusers(), "seed": int(config.seed)}
+    meta = {**method.meta, "method": method.name, "model": model.to_diffusers(), "seed": int(config.seed),
+            "optimizer": config.optimizer}
     fmt = config.lora_export_format
     # the model's activation constraints (batch over data x fsdp, tokens over `context`) refer to the mesh in
     # effect; jax.set_mesh takes effect when called, so each use makes a fresh context manager
@@ -425,21 +433,24 @@ def _resume_point(config, output_dir: Path) -> tuple[Path, int] | None:
     return resume
 
 
-def _check_resume_meta(step_dir: Path, method) -> None:
-    """The checkpoint's method and adapter (rank, alpha, targets) against this run's, before restoring."""
+def _check_resume_meta(step_dir: Path, method, optimizer: str) -> None:
+    """The checkpoint's method, adapter (rank, alpha, targets) and optimizer against this run's, before restoring
+    (optimizers of one state layout, e.g. adamw and adamw_bf16, would otherwise resume each other's moments)."""
     from wanjax.checkpoint import read_meta
 
     try:
         saved = read_meta(step_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"resume_from_checkpoint: {e}") from None
-    ours = {"method": method.name, **{k: method.meta.get("lora", {}).get(k) for k in ("rank", "alpha", "targets")}}
-    theirs = {"method": saved.get("method"), **{k: saved.get("lora", {}).get(k) for k in ("rank", "alpha", "targets")}}
+    lora_keys = ("rank", "alpha", "targets")
+    ours = {"method": method.name, "optimizer": optimizer, **{k: method.meta.get("lora", {}).get(k) for k in lora_keys}}
+    theirs = {"method": saved.get("method"), "optimizer": saved.get("optimizer"),
+              **{k: saved.get("lora", {}).get(k) for k in lora_keys}}
     diff = [f"{k}: saved {theirs[k]!r}, now {ours[k]!r}" for k in ours
             if theirs[k] is not None and json.loads(json.dumps(theirs[k])) != json.loads(json.dumps(ours[k]))]
     if diff:
         raise ConfigError(f"resume_from_checkpoint: {step_dir} was saved by another setup ({'; '.join(diff)}): set "
-                          "the same method and LoRA settings, or start a new output_dir")
+                          "the same method, LoRA settings and optimizer, or start a new output_dir")
 
 
 def _validate(validator, writer, step: int, method, state) -> None:

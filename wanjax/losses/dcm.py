@@ -486,9 +486,9 @@ def dcm_step(
     new = state.replace(
         step=state.step + 1, gen=gen, gen_opt=gen_opt, detail=det, detail_opt=det_opt, disc=disc, disc_opt=disc_opt,
         target=follow(state.target, gen), detail_target=follow(state.detail_target, det),
-        ema=state.ema if ema_update is None else ema_update(state.ema, gen, state.step + 1),
-        detail_ema=state.detail_ema if ema_update is None or det is None else ema_update(state.detail_ema, det,
-                                                                                          state.step + 1),
+        ema=state.ema if ema_update is None else ema_update(state.ema, optim.eval_params(gen_opt, gen), state.step + 1),
+        detail_ema=state.detail_ema if ema_update is None or det is None else ema_update(
+            state.detail_ema, optim.eval_params(det_opt, det), state.step + 1),
     )
     metrics["lr"] = schedule(state.step)
     return new, metrics

@@ -309,7 +309,8 @@ def dmd_critic_phase(
                                                       k_critic, cfg, sigmas, exit_k)
     c_updates, critic_opt = critic_optimizer.update(c_grads, state.critic_opt, state.critic)
     critic = optax.apply_updates(state.critic, c_updates)
-    ema = state.ema if ema_update is None else ema_update(state.ema, state.gen, state.step + 1)
+    ema = state.ema if ema_update is None else ema_update(state.ema, optim.eval_params(state.gen_opt, state.gen),
+                                                          state.step + 1)
     metrics = {
         "dmd_loss": carry["dmd_loss"], "fake_score_loss": c_loss, "generator_grad_norm": carry["generator_grad_norm"],
         "fake_score_grad_norm": optax.global_norm(c_grads), "generator_updated": carry["generator_updated"],

@@ -129,6 +129,6 @@ def train_step(
     aux = jax.tree_util.tree_map(lambda a: a / accum, aux)
     updates, opt_state = optim.update_at(optimizer, grads, state.opt_state, state.lora, state.step)
     lora = optax.apply_updates(state.lora, updates)
-    ema = state.ema if ema_update is None else ema_update(state.ema, lora, state.step + 1)
+    ema = state.ema if ema_update is None else ema_update(state.ema, optim.eval_params(opt_state, lora), state.step + 1)
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.global_norm(grads), **aux}
     return state.replace(step=state.step + 1, lora=lora, opt_state=opt_state, ema=ema), metrics

@@ -126,13 +126,15 @@ def build(ctx: Context) -> Method:
         def pick(trained, ema):
             return ema if (final and ema is not None) else trained
 
-        out = {"pytorch_lora_weights": spec.wrap(pick(state.gen, state.ema))}
+        out = {"pytorch_lora_weights": spec.wrap(pick(optim.eval_params(state.gen_opt, state.gen), state.ema))}
         if cfg.dual_experts:
-            out["detail_expert_lora_weights"] = spec.wrap(pick(state.detail, state.detail_ema))
+            detail = optim.eval_params(state.detail_opt, state.detail)
+            out["detail_expert_lora_weights"] = spec.wrap(pick(detail, state.detail_ema))
         return out
 
     sigmas = [float(s) for s in dcmlib.dcm_student_sigmas(cfg)]
-    lora_meta = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "state_key": "gen"}
+    lora_meta = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "state_key": "gen",
+                 "opt_key": "gen_opt"}
     student = {"kind": "dcm", "sigmas": sigmas, "shift": cfg.shift, "euler_steps": cfg.euler_steps,
                "multiphase": cfg.multiphase, "experts": list(dcmlib.dcm_student_experts(cfg))}
     if cfg.dual_experts:
@@ -154,8 +156,9 @@ def build(ctx: Context) -> Method:
     def sample(state, ema, noise, cond, uncond, key, validator):
         """The 4-step student (Euler over its phase floors; the detail expert below switch_sigma when dual)."""
         del key
-        gen = state.ema if ema else state.gen
-        detail = (state.detail_ema if ema else state.detail) if cfg.dual_experts else None
+        gen = state.ema if ema else optim.eval_params(state.gen_opt, state.gen)
+        detail = (state.detail_ema if ema else optim.eval_params(state.detail_opt, state.detail)) if (
+            cfg.dual_experts) else None
         return student_sample(ctx.base, gen, detail, noise, cond, uncond, guidance=float(validator.s.guidance))
 
     return Method("dcm", init_state, step, frozen, exports, meta, loss_key="dcm_loss", sample=sample)

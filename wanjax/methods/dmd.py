@@ -105,10 +105,11 @@ def build(ctx: Context) -> Method:
         return critic_phase(state, frozen, batch, carry)
 
     def exports(state, final: bool):
-        gen = state.ema if (final and state.ema is not None) else state.gen
+        gen = state.ema if (final and state.ema is not None) else optim.eval_params(state.gen_opt, state.gen)
         return {"pytorch_lora_weights": spec.wrap(gen), "fake_score_lora_weights": spec.wrap(state.critic)}
 
-    meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "state_key": "gen"},
+    meta = {"lora": {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets), "state_key": "gen",
+                     "opt_key": "gen_opt"},
             "student": {"kind": "dmd", "timesteps": list(cfg.denoising_steps), "shift": cfg.shift,
                         "sigmas": [float(s) for s in dmdlib.student_sigmas(cfg)]}}
     sigmas = dmdlib.student_sigmas(cfg)
@@ -121,8 +122,8 @@ def build(ctx: Context) -> Method:
 
     def sample(state, ema, noise, cond, uncond, key, validator):
         """The 3-step student (re-noising over its sigmas); validation_guidance > 1 adds CFG."""
-        return student(ctx.base, state.ema if ema else state.gen, noise, cond, uncond, key,
-                       guidance=float(validator.s.guidance))
+        gen = state.ema if ema else optim.eval_params(state.gen_opt, state.gen)
+        return student(ctx.base, gen, noise, cond, uncond, key, guidance=float(validator.s.guidance))
 
     return Method("dmd", init_state, step, frozen, exports, meta, loss_key="fake_score_loss", sample=sample,
                   phases=(generator_phase, critic_phase))

@@ -32,8 +32,9 @@ def build(ctx: Context) -> Method:
                              ema_update=ema_update, accum=int(c.gradient_accumulation_steps))
 
     def exports(state, final: bool):
-        # checkpoints export the trained adapter; the final export prefers the EMA weights when kept
-        params = state.ema if (final and state.ema is not None) else state.lora
+        # checkpoints export the trained adapter (a schedule-free optimizer's x sequence); the final export prefers
+        # the EMA weights when kept
+        params = state.ema if (final and state.ema is not None) else optim.eval_params(state.opt_state, state.lora)
         return {"pytorch_lora_weights": spec.wrap(params)}
 
     def sample(state, ema, noise, cond, uncond, key, validator):
@@ -42,7 +43,7 @@ def build(ctx: Context) -> Method:
         from wanjax.validation import method_sampler_kwargs
 
         del key  # the pipeline's samplers are deterministic given the noise
-        params = state.ema if ema else state.lora
+        params = state.ema if ema else optim.eval_params(state.opt_state, state.lora)
         return pipeline_sample(ctx.model, ctx.base, noise, cond, negative_prompt_embeds=uncond, lora=spec.wrap(params),
                                **method_sampler_kwargs(validator))
 
