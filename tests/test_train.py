@@ -145,6 +145,40 @@ def test_bad_run_settings_refused_before_compute(assets, tmp_path, key, value, m
     assert not (tmp_path / "x").exists()
 
 
+def test_mesh_layouts_refused_before_the_base_loads(assets, tmp_path, monkeypatch):
+    """A mesh these 8 devices cannot make, heads that do not split over `context`, and cached clips whose tokens do
+    not split over it are one-line ConfigErrors before any weights load (they used to fail at the first traced step,
+    or, for a bucket first drawn later, partway through and again on every resume)."""
+    from types import SimpleNamespace
+
+    import wanjax.transformer_io as tio
+    from wanjax.train import _check_layout
+
+    def boom(*a, **k):
+        raise AssertionError("weights loaded before the mesh was checked")
+
+    monkeypatch.setattr(tio, "materialize", boom)
+    with pytest.raises(ConfigError, match=r"mesh=.*need 3 devices, have 8 \(8 devices, 1 process"):
+        run(tiny_config(assets, tmp_path / "x", **{"mesh.fsdp": 3}))
+    with pytest.raises(ConfigError, match="mesh.context=4: num_attention_heads=2 must be divisible by context = 4"):
+        run(tiny_config(assets, tmp_path / "x", **{"mesh.fsdp": 2, "mesh.context": 4}))
+
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": 4, "context": 2, "tensor": 1})
+    model = tiny.TINY_TRANSFORMER  # 2 heads, patch (1, 2, 2)
+    manifest = SimpleNamespace(active_buckets={"16x2x4x6": 3, "16x3x2x2": 2, "16x1x2x2": 0})  # 12, 3, (1) tokens
+    cfg = tiny_config(assets, tmp_path / "x", train_batch_size=4)
+    with pytest.raises(ConfigError, match=r"mesh.context=2: the cache .* \{'16x3x2x2': 3\}"):
+        _check_layout(cfg, mesh, model, manifest, "lora")
+    # DMD trains on num_training_frames latent frames: 2 of the 3 frames give 2 tokens, which split
+    cfg.distillation_config.num_training_frames = 2
+    _check_layout(cfg, mesh, model, manifest, "dmd")
+    # 2 hosts x 1 device with context 2: one batch shard would span both processes, which load different rows
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    two_hosts = SimpleNamespace(shape={"data": 1, "fsdp": 1, "context": 2, "tensor": 1})
+    with pytest.raises(ConfigError, match=r"context x tensor spans processes.*data x fsdp \(1\) must be a multiple"):
+        _check_layout(tiny_config(assets, tmp_path / "x", train_batch_size=2), two_hosts, model, manifest, "lora")
+
+
 def test_resume_is_exact(assets, tmp_path):
     """3 steps + resume + 3 steps logs the same losses as 6 uninterrupted steps."""
     common = dict(checkpoint_step_interval=3, use_ema=True)

@@ -213,6 +213,42 @@ def resolve(config) -> Resolved:
 # =========================================================================================================
 # Phases 2-6
 # =========================================================================================================
+def _check_layout(config, mesh, model, manifest, method: str) -> None:
+    """The batch, the heads and every cached clip's tokens against the mesh, before the base loads: each would
+    otherwise fail at its first traced step (a bucket first drawn hours in fails again on every resume)."""
+    dp, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    if config.train_batch_size % dp:
+        raise ConfigError(f"train_batch_size={config.train_batch_size} (the global batch of an optimizer step) must be "
+                          f"divisible by data x fsdp = {dp}")
+    if config.train_batch_size % procs:
+        raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {procs} processes")
+    if dp % procs:  # each process loads its own rows, so one batch shard must not span processes
+        raise ConfigError(f"mesh={dict(mesh.shape)}: context x tensor spans processes; each of the {procs} processes "
+                          f"loads its own rows of the batch, so data x fsdp ({dp}) must be a multiple of the process "
+                          "count: keep context and tensor within a host")
+    c = mesh.shape["context"]
+    if c == 1:
+        return
+    t = mesh.shape["tensor"] if model.num_attention_heads % mesh.shape["tensor"] == 0 else 1
+    if model.num_attention_heads % (c * t):
+        raise ConfigError(f"mesh.context={c}: num_attention_heads={model.num_attention_heads} must be divisible by "
+                          f"context" + (f" x tensor = {c * t}" if t > 1 else f" = {c}") + " (heads are split over it)")
+    frames = None
+    if method == "dmd" and config.distillation_config.num_training_frames:
+        frames = int(config.distillation_config.num_training_frames)  # DMD cuts latents to this many frames
+    pt, ph, pw = model.patch_size
+    bad = {}
+    for name, count in manifest.active_buckets.items():
+        _, f, h, w = (int(x) for x in name.split("x"))
+        tokens = (min(f, frames) if frames else f) // pt * (h // ph) * (w // pw)
+        if count and tokens % c:
+            bad[name] = tokens
+    if bad:
+        raise ConfigError(f"mesh.context={c}: the cache at {config.cache_dir} holds clips whose token count does not "
+                          f"divide by it (latent shape CxFxHxW: tokens): {bad}; pick a context size dividing them, "
+                          "or other frame counts / resolutions for those datasets")
+
+
 def _abstract(tree, shardings):
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -283,13 +319,13 @@ def run(config) -> dict:
         raise ConfigError(str(e)) from None
     output_dir = Path(config.output_dir)
     resume = _resume_point(config, output_dir)
+    try:  # before resolve() too: a mesh these devices cannot make is a typo, found in a second
+        mesh = make_mesh(**dict(config.mesh))
+    except ValueError as e:
+        raise ConfigError(f"mesh={dict(config.mesh)}: {e} ({jax.device_count()} devices, "
+                          f"{jax.process_count()} process(es))") from None
     r = resolve(config)
-    mesh = make_mesh(**dict(config.mesh))
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.train_batch_size % dp:
-        raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by data x fsdp = {dp}")
-    if config.train_batch_size % jax.process_count():
-        raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {jax.process_count()} processes")
+    _check_layout(config, mesh, r.reader.config, r.manifest, r.method)
     if jax.process_index() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_config(config, output_dir)
