@@ -138,6 +138,10 @@ def test_schedule_free_exports_its_evaluation_weights(assets, tmp_path):
     ("log_every", 0, "log_every=0: expected >= 1"),
     ("checkpoints_total_limit", -1, "checkpoints_total_limit=-1: expected >= 0"),
     ("lora_export_format", "kohya", "lora_export_format='kohya': expected one of"),
+    ("learning_rate", -1e-4, "learning_rate=-0.0001: expected > 0"),
+    ("lr_warmup_steps", -5, "lr_warmup_steps=-5: expected >= 0"),
+    ("lr_num_cycles", 0, "lr_num_cycles=0: expected >= 1"),
+    ("ema_decay", 1.5, r"ema_decay=1.5: expected a number in \(0, 1\)"),
 ])
 def test_bad_run_settings_refused_before_compute(assets, tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):

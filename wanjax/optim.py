@@ -57,6 +57,14 @@ class OptimConfig:
     gradient_accumulation_steps: int = 1
     prodigy_steps: int | None = None
 
+    def __post_init__(self):
+        for name, ok, expected in (("learning_rate", self.learning_rate > 0, "> 0"),
+                                   ("lr_warmup_steps", self.lr_warmup_steps >= 0, ">= 0"),
+                                   ("lr_end", self.lr_end >= 0, ">= 0"),
+                                   ("lr_num_cycles", self.lr_num_cycles >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)}: expected {expected}")
+
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any]) -> OptimConfig:
         """Pick this class's keys from a SimpleTuner config dict (other keys ignored); numbers given as strings cast."""

@@ -73,6 +73,8 @@ def resolve(config) -> Resolved:
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}: expected one of {sorted(DTYPES)}")
     if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
         raise ConfigError("train_batch_size and gradient_accumulation_steps must be >= 1")
+    if config.use_ema and not 0.0 < config.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay={config.ema_decay}: expected a number in (0, 1)")
     if config.log_every < 1:
         raise ConfigError(f"log_every={config.log_every}: expected >= 1 (log every N optimizer steps)")
     if config.checkpoints_total_limit < 0:
