@@ -183,6 +183,15 @@ def test_mesh_layouts_refused_before_the_base_loads(assets, tmp_path, monkeypatc
         _check_layout(tiny_config(assets, tmp_path / "x", train_batch_size=2), two_hosts, model, manifest, "lora")
 
 
+def test_resume_past_max_train_steps_says_what_is_exported(assets, tmp_path, caplog):
+    run(tiny_config(assets, tmp_path / "r", max_train_steps=2, checkpoint_step_interval=2))
+    with caplog.at_level("WARNING", logger="wanjax.train"):
+        summary = run(tiny_config(assets, tmp_path / "r", max_train_steps=1, checkpoint_step_interval=2,
+                                  resume_from_checkpoint="latest"))
+    assert summary["start_step"] == 2
+    assert "checkpoint 2 is past max_train_steps=1: nothing to train; its weights (step 2) are exported" in caplog.text
+
+
 def test_resume_is_exact(assets, tmp_path):
     """3 steps + resume + 3 steps logs the same losses as 6 uninterrupted steps."""
     common = dict(checkpoint_step_interval=3, use_ema=True)

@@ -377,6 +377,9 @@ def run(config) -> dict:
                               "the method changed since it was saved?") from None
         start = int(state.step)
         logger.info("resumed from %s/%d", ckpt_dir, step)
+        if start > r.max_train_steps:
+            logger.warning("checkpoint %d is past max_train_steps=%d: nothing to train; its weights (step %d) are "
+                           "exported", step, r.max_train_steps, start)
         if data_changed:
             logger.warning("the data changed since checkpoint %d (%s): weights and optimizer resume, the batches start "
                            "a fresh order (the run is no longer the one an uninterrupted run would have made)",
