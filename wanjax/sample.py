@@ -198,6 +198,12 @@ OUT_SUFFIXES = (".mp4",)  # video_out.write_mp4 writes H.264 / MPEG-4 part 2 int
 DEFAULT_OUT_NAME = "sample.mp4"  # the file written into an --out folder
 
 
+def pipeline_fps(model_index: dict) -> int:
+    """The frame rate diffusers' examples export a pipeline's videos at: 24 for Wan2.2 TI2V-5B (its model_index.json
+    sets expand_timesteps), else 16."""
+    return 24 if model_index.get("expand_timesteps") else 16
+
+
 class UsageError(ValueError):
     """A bad command-line value: printed as `error: ...`, exit status 2."""
 
@@ -268,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="transformer and text encoder dtype; default bfloat16 (float32 with --tiny)")
-    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--fps", type=int, default=None,
+                   help="frame rate of the .mp4 (default: 24 for a TI2V-5B pipeline, whose model_index.json sets "
+                        "expand_timesteps, as its diffusers examples export; else 16)")
     return p
 
 
@@ -320,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--num_inference_steps {args.num_inference_steps}: expected >= 1")
     if args.flow_shift is not None and not args.flow_shift > 0:
         raise UsageError(f"--flow_shift {args.flow_shift}: expected > 0")
-    if args.fps < 1:
+    if args.fps is not None and args.fps < 1:
         raise UsageError(f"--fps {args.fps}: expected >= 1")
     for flag in ("lora", "lora_2"):
         if getattr(args, flag) and not Path(getattr(args, flag)).exists():
@@ -397,7 +405,7 @@ def _run(args: argparse.Namespace) -> int:
     video = vae_decode(vae_config, vae_params, latents)
     frames_u8 = video_out.to_uint8_frames(video)[0]
     if jax.process_index() == 0:
-        out = video_out.write_mp4(out_path, frames_u8, fps=args.fps)
+        out = video_out.write_mp4(out_path, frames_u8, fps=args.fps or pipeline_fps(index))
         print(json.dumps({"video": str(out), "frames": int(frames_u8.shape[0]), "height": int(frames_u8.shape[1]),
                           "width": int(frames_u8.shape[2]), "steps": args.num_inference_steps,
                           "scheduler": args.scheduler, "flow_shift": flow_shift}))
