@@ -43,7 +43,10 @@ def base_config() -> ConfigDict:
     # -- data ------------------------------------------------------------------------------------------
     c.cache_dir = "cache/wan"  # wanjax cache: manifest.json + ArrayRecord shards + text embeds
     c.data_backend_config = placeholder(str)  # SimpleTuner multidatabackend.json (used by caching)
-    c.train_batch_size = 1  # per optimizer step, per process... see README: global = this x processes
+    # GLOBAL clips per forward/backward, over all devices and processes (not per GPU, not per process): split
+    # over mesh data x fsdp, so a multiple of data x fsdp and of the process count (each process loads its
+    # 1/processes share). One optimizer step sees this x gradient_accumulation_steps clips.
+    c.train_batch_size = 1
     c.caption_dropout_probability = 0.1
     c.data_workers = 0
     # caching (python -m wanjax.cache; the trainer runs it when the cache is missing and data_backend_config is set)

@@ -270,3 +270,53 @@ def test_validation_settings_that_failed_every_round_are_refused():
     assert V.settings_from_config(config(validation_guidance=1.0)).guidance == 1.0
     assert V.settings_from_config(config(validation_num_video_frames=16)).frames == 17
 
+
+
+# -- 3. context parallelism -------------------------------------------------------------------------------------
+def _context_config(context, **overrides):
+    c = config(**overrides)
+    c.mesh.context = context
+    return c
+
+
+def test_validation_clip_tokens_must_divide_the_context_axis():
+    """With mesh.context=2 a 48x48, 9-frame clip is 3 x 3 x 3 = 27 tokens (8x VAE, 2x2 patch), which the
+    transformer cannot split over `context`: every validation round failed (logged) and the run ended without
+    videos. Refused with the token count and a frame count that fits; sizes that fit pass."""
+    tiny = vae.VaeConfig(**TINY_VAE)
+    s = V.settings_from_config(_context_config(2, validation_resolution="48x48", validation_num_video_frames=9))
+    assert s.context == 2
+    with pytest.raises(V.ValidationConfigError, match=r"^validation_resolution 48x48, validation_num_video_frames=9: "
+                                                      r"3 x 3 x 3 = 27 tokens per clip, not divisible by "
+                                                      r"mesh\.context=2 .*; e\.g\. validation_num_video_frames=13$"):
+        V.check_video_size(s, tiny, TINY_TRANSFORMER.patch_size)
+    for context, res, frames in ((1, "48x48", 9), (2, "48x48", 13), (2, "48x32", 9), (4, "64x64", 9)):
+        s = V.settings_from_config(_context_config(context, validation_resolution=res,
+                                                   validation_num_video_frames=frames))
+        V.check_video_size(s, tiny, TINY_TRANSFORMER.patch_size)  # 27, 36, 18, 48 tokens
+    # a list is checked size by size: 48x32 fits context=2, 48x48 does not
+    s = V.settings_from_config(_context_config(2, validation_resolution="48x32,48x48", validation_num_video_frames=9))
+    with pytest.raises(V.ValidationConfigError, match=r"validation_resolution 48x48, .* 27 tokens"):
+        V.check_video_size(s, tiny, TINY_TRANSFORMER.patch_size)
+
+
+def test_validation_context_fill_axis_counts_the_devices(monkeypatch):
+    """mesh.context=-1 takes the devices the other axes leave, as make_mesh does."""
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    c = _context_config(-1)
+    c.mesh.fsdp, c.mesh.data = 2, 1
+    assert V.mesh_context_size(c) == 4
+    c.mesh.fsdp = 3  # does not divide 8: make_mesh refuses it itself
+    assert V.mesh_context_size(c) == 1
+    assert V.mesh_context_size(config()) == 1
+
+
+def test_validation_validator_refuses_context_tokens_before_encoding(tmp_path):
+    """The Validator (built at start, before the base loads and before any step) refuses the clip -- before
+    prompt encoding or VAE weight reads (neither exists here); the trainer turns this into its ConfigError."""
+    s = V.settings_from_config(_context_config(2, validation_resolution="48x48", validation_num_video_frames=9))
+    root = pipeline(tmp_path, TINY_VAE, weights=False)
+    (tmp_path / "empty-cache").mkdir()
+    with pytest.raises(V.ValidationConfigError, match=r"27 tokens per clip, not divisible by mesh\.context=2"):
+        V.Validator(s, output_dir=tmp_path / "out", pipeline=str(root), cache_dir=tmp_path / "empty-cache",
+                    text_len=TEXT_LEN, model_config=TINY_TRANSFORMER)

@@ -229,7 +229,10 @@ def maybe_initialize_distributed() -> bool:
     """Start multi-process JAX when the environment asks for it; returns whether it did.
 
     Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (e.g. localhost tests, custom
-    launchers). Otherwise JAX's own detection on multi-worker TPU slices and multi-task SLURM jobs.
+    launchers). Otherwise JAX's own detection on multi-worker TPU slices and multi-task SLURM steps (srun). JAX's
+    SLURM detection assumes one task per GPU, each seeing all of its node's GPUs and driving the SLURM_LOCALID-th;
+    with one task per node it would drive that node's first GPU only, so then every GPU the task was given is
+    passed (`slurm_node_device_ids`). JAX_LOCAL_DEVICE_IDS, when set, overrides both.
     """
     import os
 
@@ -247,9 +250,41 @@ def maybe_initialize_distributed() -> bool:
     slurm_multi = int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env
     tpu_multi = len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
     if slurm_multi or tpu_multi:
-        jax.distributed.initialize()
+        ids = slurm_node_device_ids(env) if slurm_multi and not tpu_multi else None
+        if ids is None:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(local_device_ids=ids)  # coordinator, process count and id still from SLURM_*
         return True
     return False
+
+
+def slurm_node_device_ids(env) -> list[int] | None:
+    """The local GPU ids a SLURM task should drive when the step runs one task per node (SLURM_NTASKS ==
+    SLURM_STEP_NUM_NODES: every node has at least one task), i.e. all the GPUs it sees: 0 .. n-1 for the n entries of
+    CUDA_VISIBLE_DEVICES (ordinals count after that mask), else SLURM_GPUS_ON_NODE. None leaves JAX's default (one
+    task per GPU: the SLURM_LOCALID-th), also when JAX_LOCAL_DEVICE_IDS is set (JAX reads it then) or the count is
+    unknown."""
+    if env.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    try:
+        one_per_node = int(env["SLURM_NTASKS"]) == int(env["SLURM_STEP_NUM_NODES"])
+    except (KeyError, ValueError):
+        return None
+    if not one_per_node:
+        return None
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and visible != ["NoDevFiles"]:
+        return list(range(len(visible)))
+    gpus = env.get("SLURM_GPUS_ON_NODE", "")
+    if gpus.isdigit() and int(gpus) > 0:
+        return list(range(int(gpus)))
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "SLURM runs one task per node but neither CUDA_VISIBLE_DEVICES nor SLURM_GPUS_ON_NODE says how many GPUs it "
+        "has: JAX will drive one GPU per task. Set JAX_LOCAL_DEVICE_IDS=0,1,... or launch one task per GPU")
+    return None
 
 
 # JAX's names for its GPU pool's fraction: the newer, and the older one, which every JAX from 0.4 to 0.12 reads (the

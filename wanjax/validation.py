@@ -6,9 +6,11 @@ SimpleTuner's keys: `validation_step_interval` (0 = off), `validation_prompt`, `
 {nickname: prompt} or {nickname: {"prompt": ...}}), `validation_guidance`, `validation_num_inference_steps`,
 `validation_num_video_frames`, `validation_resolution` ("WxH", an int for square, or a comma-separated list;
 multiples of 16 at parse time, and of 2 x the pipeline VAE's spatial factor (the transformer's patch) once its
-config is read: 32 for the Wan2.2 VAE), `validation_seed`, `ema_validation` ("none": trained weights; "ema_only":
-the EMA weights when kept; "comparison": both). wanjax's: `validation_scheduler` ("unipc" | "euler", LoRA runs),
-`validation_flow_shift` (None: the pipeline's scheduler_config), `validation_fps`.
+config is read: 32 for the Wan2.2 VAE; with `mesh.context` > 1 a clip's tokens, latent frames x latent height / 2
+x latent width / 2, must also divide by `context`, as in training: refused when the Validator is built),
+`validation_seed`, `ema_validation` ("none": trained weights; "ema_only": the EMA weights when kept; "comparison":
+both). wanjax's: `validation_scheduler` ("unipc" | "euler", LoRA runs), `validation_flow_shift` (None: the
+pipeline's scheduler_config), `validation_fps`.
 
 File names: a nickname keeps its letters, digits and marks in any script (NFC), `_`, `.` and `-`; every other run
 of characters (path separators, spaces, control and shell/filesystem-unsafe characters) becomes one `_`; the name
@@ -68,6 +70,7 @@ class ValidationSettings:
     scheduler: str
     flow_shift: float | None
     fps: int
+    context: int = 1  # the training mesh's `context` axis size: each clip's tokens must divide by it
 
 
 NAME_MAX_BYTES = 100  # a nickname's part of a file name, UTF-8 (file systems allow 255 bytes in all)
@@ -238,14 +241,28 @@ def settings_from_config(config) -> ValidationSettings | None:
         interval=interval, prompts=tuple(prompts), negative_prompt=str(config.validation_negative_prompt or ""),
         guidance=guidance, steps=steps, sizes=sizes, frames=frames,
         seed=int(config.validation_seed if config.validation_seed is not None else config.seed), ema=ema,
-        scheduler=str(config.validation_scheduler), flow_shift=None if shift is None else float(shift), fps=int(fps))
+        scheduler=str(config.validation_scheduler), flow_shift=None if shift is None else float(shift), fps=int(fps),
+        context=mesh_context_size(config))
+
+
+def mesh_context_size(config) -> int:
+    """The `context` axis size `make_mesh(**config.mesh)` will give (-1: the devices the other axes leave); 1
+    without a mesh or when the sizes do not fit the devices (make_mesh refuses those itself)."""
+    mesh = dict(config.get("mesh") or {})
+    context = int(mesh.get("context", 1))
+    if context != -1:
+        return max(context, 1)
+    others = math.prod(int(mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
+    n = jax.device_count()
+    return n // others if others > 0 and n % others == 0 else 1
 
 
 def check_video_size(settings: ValidationSettings, vae_config, patch_size=(1, 2, 2)) -> None:
     """Refuse sizes the pipeline cannot render (ValidationConfigError naming the key, the value and the multiple):
     width and height multiples of lcm(2 x the VAE's spatial factor, its spatial factor x the transformer's patch)
     -- the caching job's alignment, 16 for Wan2.1's 8x VAE, 32 for Wan2.2's 16x -- and latent frames a multiple
-    of the transformer's temporal patch."""
+    of the transformer's temporal patch; under context parallelism (`settings.context` > 1) each clip's tokens
+    (latent frames x latent height / patch x latent width / patch) a multiple of the `context` axis size."""
     sf, tf = int(vae_config.spatial_factor), int(vae_config.temporal_factor)
     pt, ph, pw = (int(p) for p in patch_size)
     mh, mw = math.lcm(2 * sf, sf * ph), math.lcm(2 * sf, sf * pw)
@@ -260,6 +277,18 @@ def check_video_size(settings: ValidationSettings, vae_config, patch_size=(1, 2,
     if latent_frames % pt:
         raise ValidationConfigError(f"validation_num_video_frames={settings.frames}: {latent_frames} latent frames "
                                     f"(the VAE's {tf}x), not a multiple of the transformer's temporal patch {pt}")
+    c = int(settings.context)
+    if c > 1:  # the transformer splits each clip's tokens over `context`: sampling would fail at every round
+        for w, h in settings.sizes:
+            grid = (latent_frames // pt, h // sf // ph, w // sf // pw)
+            if math.prod(grid) % c:
+                step = pt * (c // math.gcd(grid[1] * grid[2], c))  # a latent frame count that fits
+                frames = (-(-latent_frames // step) * step - 1) * tf + 1
+                raise ValidationConfigError(
+                    f"validation_resolution {w}x{h}, validation_num_video_frames={settings.frames}: "
+                    f"{' x '.join(map(str, grid))} = {math.prod(grid)} tokens per clip, not divisible by "
+                    f"mesh.context={c} (context parallelism splits each clip's tokens over it); e.g. "
+                    f"validation_num_video_frames={frames}")
 
 
 def pipeline_root(model: str, parts: tuple[str, ...]) -> Path:
