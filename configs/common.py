@@ -72,7 +72,7 @@ def base_config() -> ConfigDict:
     c.ema_validation = "comparison"  # none | ema_only | comparison (when use_ema)
     c.validation_scheduler = "unipc"  # unipc (WanPipeline's) | euler
     c.validation_flow_shift = placeholder(float)  # None: the pipeline's scheduler_config flow_shift
-    c.validation_fps = 16
+    c.validation_fps = placeholder(int)  # None: the pipeline's (24 for TI2V-5B, else 16)
 
     # -- hub (wanjax/hub.py): without network or token it says so once and training goes on ----------------
     c.push_to_hub = False

@@ -251,7 +251,7 @@ def test_cli_tiny_writes_mp4(tiny_dir, tmp_path):
     assert frames.std() > 1  # a decoded random-model video, not a blank frame
     with av.open(str(out)) as f:
         assert f.streams.video[0].average_rate == 16  # Wan 2.1's frame rate (TI2V-5B pipelines: 24)
-    assert sample_mod.pipeline_fps({"expand_timesteps": True}) == 24 and sample_mod.pipeline_fps({}) == 16
+    assert video_out.pipeline_fps({"expand_timesteps": True}) == 24 and video_out.pipeline_fps({}) == 16
 
 
 @pytest.mark.parametrize("extra,message", [

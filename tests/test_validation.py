@@ -271,6 +271,13 @@ def test_validation_settings_that_failed_every_round_are_refused():
     assert V.settings_from_config(config(validation_num_video_frames=16)).frames == 17
 
 
+def test_validation_fps_defaults_to_the_pipelines(tmp_path):
+    """validation_fps None: 24 for a TI2V-5B pipeline (model_index.json expand_timesteps), else 16; a set value wins."""
+    assert V.settings_from_config(config()).fps is None and V.settings_from_config(config(validation_fps=30)).fps == 30
+    (tmp_path / "model_index.json").write_text(json.dumps({"expand_timesteps": True}))
+    assert V._pipeline_fps(tmp_path) == 24 and V._pipeline_fps(tmp_path / "missing") == 16
+
+
 
 # -- 3. context parallelism -------------------------------------------------------------------------------------
 def _context_config(context, **overrides):

@@ -198,12 +198,6 @@ OUT_SUFFIXES = (".mp4",)  # video_out.write_mp4 writes H.264 / MPEG-4 part 2 int
 DEFAULT_OUT_NAME = "sample.mp4"  # the file written into an --out folder
 
 
-def pipeline_fps(model_index: dict) -> int:
-    """The frame rate diffusers' examples export a pipeline's videos at: 24 for Wan2.2 TI2V-5B (its model_index.json
-    sets expand_timesteps), else 16."""
-    return 24 if model_index.get("expand_timesteps") else 16
-
-
 class UsageError(ValueError):
     """A bad command-line value: printed as `error: ...`, exit status 2."""
 
@@ -405,7 +399,7 @@ def _run(args: argparse.Namespace) -> int:
     video = vae_decode(vae_config, vae_params, latents)
     frames_u8 = video_out.to_uint8_frames(video)[0]
     if jax.process_index() == 0:
-        out = video_out.write_mp4(out_path, frames_u8, fps=args.fps or pipeline_fps(index))
+        out = video_out.write_mp4(out_path, frames_u8, fps=args.fps or video_out.pipeline_fps(index))
         print(json.dumps({"video": str(out), "frames": int(frames_u8.shape[0]), "height": int(frames_u8.shape[1]),
                           "width": int(frames_u8.shape[2]), "steps": args.num_inference_steps,
                           "scheduler": args.scheduler, "flow_shift": flow_shift}))

@@ -69,7 +69,7 @@ class ValidationSettings:
     ema: str
     scheduler: str
     flow_shift: float | None
-    fps: int
+    fps: int | None  # None: the pipeline's (video_out.pipeline_fps)
     context: int = 1  # the training mesh's `context` axis size: each clip's tokens must divide by it
 
 
@@ -234,14 +234,15 @@ def settings_from_config(config) -> ValidationSettings | None:
     if shift is not None and not (math.isfinite(float(shift)) and float(shift) > 0):
         raise ValidationConfigError(f"validation_flow_shift={shift}: expected a finite number > 0")
     fps = config.validation_fps
-    if not ((isinstance(fps, int) and not isinstance(fps, bool)) or (isinstance(fps, float) and fps.is_integer())) \
-            or fps < 1:
+    if fps is not None and (not ((isinstance(fps, int) and not isinstance(fps, bool)) or (
+            isinstance(fps, float) and fps.is_integer())) or fps < 1):
         raise ValidationConfigError(f"validation_fps={fps!r}: expected an integer >= 1")  # not at every round
     return ValidationSettings(
         interval=interval, prompts=tuple(prompts), negative_prompt=str(config.validation_negative_prompt or ""),
         guidance=guidance, steps=steps, sizes=sizes, frames=frames,
         seed=int(config.validation_seed if config.validation_seed is not None else config.seed), ema=ema,
-        scheduler=str(config.validation_scheduler), flow_shift=None if shift is None else float(shift), fps=int(fps),
+        scheduler=str(config.validation_scheduler), flow_shift=None if shift is None else float(shift),
+        fps=None if fps is None else int(fps),
         context=mesh_context_size(config))
 
 
@@ -331,6 +332,15 @@ def _pipeline_flow_shift(pipeline: Path) -> float:
         return DEFAULT_FLOW_SHIFT
 
 
+def _pipeline_fps(pipeline: Path) -> int:
+    from wanjax.video_out import pipeline_fps
+
+    try:
+        return pipeline_fps(json.loads((pipeline / "model_index.json").read_text()))
+    except (OSError, ValueError):
+        return pipeline_fps({})
+
+
 def prompt_embeddings(texts: list[str], *, cache_dir: str | Path, pipeline: str, text_len: int,
                       text_dtype=jnp.float32) -> np.ndarray:
     """(len(texts), text_len, D) float32: the cache's embedding of each text when it has it, else UMT5's."""
@@ -371,6 +381,7 @@ class Validator:
         # the VAE's config first (one small JSON): sizes this pipeline cannot render are refused before UMT5 runs
         check_video_size(settings, _read_vae_config(root), tuple(getattr(model_config, "patch_size", (1, 2, 2))))
         self.flow_shift = settings.flow_shift if settings.flow_shift is not None else _pipeline_flow_shift(root)
+        self.fps = settings.fps or _pipeline_fps(root)
         texts = [t for _, t in settings.prompts] + [settings.negative_prompt]
         emb = prompt_embeddings(texts, cache_dir=cache_dir, pipeline=pipeline, text_len=text_len)
         self.cond, self.uncond = jnp.asarray(emb[:-1]), jnp.asarray(emb[-1:])
@@ -408,7 +419,7 @@ class Validator:
                     video_key = name + ("_ema" if ema else "") + (f"_{w}x{h}" if len(self.s.sizes) > 1 else "")
                     path = self.dir / f"step_{step:06d}_{video_key}.mp4"
                     if jax.process_index() == 0:
-                        video_out.write_mp4(path, frames, fps=self.s.fps)
+                        video_out.write_mp4(path, frames, fps=self.fps)
                     videos.append(Video(video_key, prompt, path))
         self.videos = videos
         if jax.process_index() == 0 and videos:

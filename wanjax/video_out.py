@@ -15,6 +15,12 @@ import numpy as np
 PREFERRED_CODECS = ("libx264", "mpeg4")  # H.264 when this PyAV/FFmpeg build has it, MPEG-4 part 2 otherwise
 
 
+def pipeline_fps(model_index: dict) -> int:
+    """The frame rate diffusers' examples export a pipeline's videos at: 24 for Wan2.2 TI2V-5B (its model_index.json
+    sets expand_timesteps), else 16."""
+    return 24 if model_index.get("expand_timesteps") else 16
+
+
 def to_uint8_frames(video) -> np.ndarray:
     """(B, 3, F, H, W) in [-1, 1] (numpy or jax, any float dtype) -> (B, F, H, W, 3) uint8.
 
