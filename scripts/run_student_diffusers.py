@@ -208,13 +208,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help=".npy (latents) or .mp4 (decoded video)")
-    p.add_argument("--fps", type=int, default=16, help="frame rate of an .mp4 (16; Wan2.2 TI2V-5B: 24)")
+    p.add_argument("--fps", type=int, default=None,
+                   help="frame rate of an .mp4 (default: the pipeline's, 24 for Wan2.2 TI2V-5B, else 16)")
     a = p.parse_args(argv)
     if (a.lora_switch is None) != (a.switch_sigma is None and a.experts is None):
         p.error("--lora-switch goes with --switch-sigma and/or --experts")
     if not a.out.endswith((".npy", ".mp4")):
         p.error(f"--out {a.out}: expected a .npy (latents) or .mp4 (video) file")
-    if a.fps < 1:
+    if a.fps is not None and a.fps < 1:
         p.error(f"--fps {a.fps}: expected >= 1")
     experts = [e for e in a.experts.replace(" ", "").split(",") if e] if a.experts else None
 
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from wanjax import video_out
 
         frames = np.round(np.clip(np.asarray(out[0], np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-        video_out.write_mp4(a.out, frames, fps=a.fps)
+        video_out.write_mp4(a.out, frames, fps=a.fps or video_out.pipeline_fps(dict(pipe.config)))
     print(f"wrote {a.out}")
 
 

@@ -307,5 +307,10 @@ def test_cli_writes_playable_mp4_with_fps(tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
         assert stream.average_rate == 24
     assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    rsd.main(["--model", str(pipe_dir), "--lora", str(tmp_path / "lora.safetensors"), "--kind", "dcm",
+              "--sigmas", "1.0", "--prompt", "a cat", "--height", "32", "--width", "48", "--frames", "5",
+              "--dtype", "float32", "--device", "cpu", "--out", str(out)])
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].average_rate == 16  # the pipeline's (not TI2V-5B)
     with pytest.raises(SystemExit):
         rsd.main(["--model", str(pipe_dir), "--lora", "x", "--kind", "dcm", "--sigmas", "1.0", "--out", "v.webm"])
