@@ -225,8 +225,10 @@ def test_resume_refusals_and_a_copied_checkpoint(assets, tmp_path):
         run(tiny_config(assets, out, resume_from_checkpoint=str(out / "checkpoints" / "99")))
     with pytest.raises(ConfigError, match=r"was saved by another setup \(rank: saved 4, now 8"):
         run(tiny_config(assets, out, max_train_steps=6, lora_rank=8))
+    with pytest.raises(ConfigError, match=r"another setup \(optimizer: saved 'adamw', now 'optimi-lion'"):
+        run(tiny_config(assets, out, max_train_steps=6, optimizer="optimi-lion"))
     with pytest.raises(ConfigError, match="does not fit this run's trainable state"):
-        run(tiny_config(assets, out, max_train_steps=6, optimizer="optimi-lion", use_ema=False))
+        run(tiny_config(assets, out, max_train_steps=6, use_ema=False))
     assert len(losses(out)) == 4 and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
     shutil.copytree(out / "checkpoints" / "4", tmp_path / "backup" / "4")  # a copy outside any checkpoints/ folder
     summary = run(tiny_config(assets, tmp_path / "branch", max_train_steps=6,

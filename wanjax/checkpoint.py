@@ -2,8 +2,10 @@
 
 Layout: `output_dir/checkpoints/<step>/{state, data, meta}`. Orbax writes each step under a temporary name
 and renames it when complete, so a checkpoint is complete or absent; `checkpoints_total_limit` keeps the
-newest N. The data item is grain's own handler: each process saves its iterator, so a resumed run sees
-exactly the batches it would have seen.
+newest N. The data item is grain's own handler: each process saves its iterator as
+`data/process_<i>-of-<n>.json`, so a resumed run sees exactly the batches it would have seen, also on another
+number of processes (the saved position is a global batch index, the same in every process: see
+wanjax.data.pipeline).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +59,50 @@ class Checkpointer:
         """Restore into `abstract_state` (ShapeDtypeStructs carrying shardings) and set `iterator`'s position.
         Returns (state, meta, None), or, when the data changed since the save (files cached since, other batch
         settings: the saved position means nothing in the new batch plan), (state, meta, why) with `iterator` left
-        at its start: the run continues from the saved weights and optimizer on a fresh data order."""
+        at its start: the run continues from the saved weights and optimizer on a fresh data order.
+
+        The position is read from this process's data file, or from another process's when the checkpoint was
+        saved by another number of processes (grain's own restore reads only the former)."""
         from wanjax.data.pipeline import DataChanged
 
-        state, meta = ocp.args.StandardRestore(abstract_state), ocp.args.JsonRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        index, count = iterator.fingerprint["process_index"], iterator.fingerprint["process_count"]
+        path = data_state_file(self.directory / str(step) / "data", index, count)
+        saved = json.loads(path.read_text())
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=state, data=grain.checkpoint.CheckpointRestore(iterator), meta=meta))
-            return out.state, out.meta, None
+            iterator.set_state(saved)
         except DataChanged as e:
-            out = self.manager.restore(step, args=ocp.args.Composite(state=state, meta=meta))
             return out.state, out.meta, str(e)
+        iterator.start_prefetch()
+        if path.name != _data_file_name(index, count):
+            pipe = saved["pipeline"]
+            logger.info("data position carried over from process %s of %s of the saved run (this run: process %d of "
+                        "%d): every process continues at the global batch the saved run would have read next",
+                        pipe.get("process_index"), pipe.get("process_count"), index, count)
+        return out.state, out.meta, None
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _data_file_name(process_index: int, process_count: int) -> str:
+    return f"process_{process_index}-of-{process_count}.json"  # grain's CheckpointHandler's name
+
+
+def data_state_file(data_dir: str | os.PathLike, process_index: int, process_count: int) -> Path:
+    """The saved iterator state that process `process_index` of `process_count` resumes from: its own
+    `process_<i>-of-<n>.json` in the checkpoint's `data_dir`, else (a checkpoint of another process count) the
+    file of the saved run's lowest process: every process's state holds the same global batch position."""
+    data_dir = Path(data_dir)
+    own = data_dir / _data_file_name(process_index, process_count)
+    if own.is_file():
+        return own
+    found = sorted((int(m[1]), p) for p in data_dir.glob("process_*-of-*.json")
+                   if (m := re.fullmatch(r"process_(\d+)-of-\d+\.json", p.name)))
+    if not found:
+        raise ValueError(f"{data_dir}: no data-iterator state ({own.name} or another process's) in the checkpoint")
+    return found[0][1]
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict:

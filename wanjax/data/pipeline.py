@@ -15,9 +15,12 @@ Hand the batch to `jax.make_array_from_process_local_data` (pop "keys" first).
 Grain pipeline: MapDataset.source(slot -> record index) .map(read + decode) .batch(b) .to_iter_dataset(threads)
 [.mp_prefetch(workers)]. Iterator state is grain's (the next batch index, or per-worker states) plus a fingerprint
 of the pipeline's settings that `set_state` checks, so a run resumed with another seed/batch size/cache fails
-loudly instead of silently seeing other data. The state is a JSON-serializable dict.
+loudly instead of silently seeing other data. The state is a JSON-serializable dict. grain's part counts global
+batches (process p's batch j is its slice of global batch j), so it is the same in every process of any process
+count: a state saved by any process of a run with P processes resumes every process of a run with Q processes.
 
-Checkpointing with orbax (grain ships the handler; each process writes `process_<i>-of-<n>.json`):
+Checkpointing with orbax (grain ships the handler; each process writes `process_<i>-of-<n>.json`; grain's
+restore reads only the file of the same process count, wanjax.checkpoint.Checkpointer reads any):
 
     import orbax.checkpoint as ocp
     from wanjax.data.pipeline import iterator_checkpoint_args
@@ -159,6 +162,11 @@ class _Collate:
         return out
 
 
+# Fingerprint keys that name this process's slice of each global batch, not which global batches come: a state saved
+# with other values resumes exactly (grain's part is a global batch position, see the module docstring).
+PROCESS_KEYS = ("process_index", "process_count")
+
+
 class BatchIterator(grain.DatasetIterator):
     """grain's iterator plus a settings fingerprint in its state, checked on `set_state`."""
 
@@ -174,10 +182,13 @@ class BatchIterator(grain.DatasetIterator):
         return {"pipeline": dict(self.fingerprint), "grain": self._parent.get_state()}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        """Continue at `state`'s global batch. A state of another pipeline raises DataChanged; one saved by another
+        process, or by a run with another process count, is welcome (PROCESS_KEYS are not compared)."""
         saved = state.get("pipeline") if isinstance(state, dict) else None
         if saved is None or "grain" not in state:
             raise ValueError(f"not a wanjax data-iterator state: {str(state)[:200]}")
-        diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in self.fingerprint.items()
+                if k not in PROCESS_KEYS and saved.get(k) != v}
         if diff:
             changes = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise DataChanged(f"data-iterator state was saved by a different pipeline ({changes}); restoring it would "
