@@ -76,6 +76,20 @@ def test_generator_loss_uses_teacher_without_adapter_and_cfg_with_uncond():
     np.testing.assert_allclose(np.asarray(aux["x_gen"]), x_gen, rtol=1e-5)
 
 
+def test_guidance_scale_zero_teacher_unconditional_critic_off():
+    """real_score_guidance_scale g: v_u + g (v_c - v_u), so g = 0 is the unconditional teacher; the critic's
+    fake_score_guidance_scale 0 means off (conditional only). g = 1 is the conditional prediction either way."""
+    def denoise(adapter, x, sigma, ctx):  # v_c = x + 2.5, v_u = x - 0.5 (cond: ones, uncond: zeros)
+        return x + 3.0 * ctx.mean(axis=(1, 2)).reshape(-1, *([1] * (x.ndim - 1))) - 0.5
+
+    x = jnp.full((1, 2, 1, 2, 2), 0.25)
+    sigma, cond, uncond = jnp.full((1,), 0.5), jnp.ones((1, 3, 4)), jnp.zeros((1, 3, 4))
+    v = lambda g, **kw: float(dmd.guided(denoise, None, x, sigma, cond, uncond, g, **kw).mean())  # noqa: E731
+    assert v(0.0) == -0.25 and v(0.0, zero_is_off=True) == 2.75
+    assert v(1.0) == v(1.0, zero_is_off=True) == 2.75
+    np.testing.assert_allclose(v(3.0), -0.25 + 3.0 * 3.0, rtol=1e-6)
+
+
 def test_score_window_bounds():
     cfg = dmd.DMDConfig(ts_schedule=True, ts_schedule_max=True, min_timestep_ratio=0.0, max_timestep_ratio=1.0)
     sigmas = jnp.asarray(dmd.student_sigmas(cfg))

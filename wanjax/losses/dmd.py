@@ -73,9 +73,12 @@ def _bcast(sigma: jax.Array, like: jax.Array) -> jax.Array:
     return sigma.reshape(sigma.shape + (1,) * (like.ndim - sigma.ndim))
 
 
-def guided(denoise: Denoiser, adapter, x_t, sigma, cond, uncond, scale: float) -> jax.Array:
-    """v_u + g (v_c - v_u) in one batched pass (g = 0 or no uncond: the conditional prediction alone)."""
-    if scale == 0.0 or uncond is None:
+def guided(denoise: Denoiser, adapter, x_t, sigma, cond, uncond, scale: float, *, zero_is_off: bool = False
+           ) -> jax.Array:
+    """v_u + g (v_c - v_u) in one batched pass. The conditional prediction alone when that is what the formula gives
+    (g = 1), without uncond, or at g = 0 with `zero_is_off` (the critic's fake_score_guidance_scale: 0 = off);
+    otherwise g = 0 is the unconditional prediction (the teacher's real_score_guidance_scale, as the formula)."""
+    if uncond is None or scale == 1.0 or (zero_is_off and scale == 0.0):
         return denoise(adapter, x_t, sigma, cond).astype(jnp.float32)
     b = x_t.shape[0]
     v = denoise(adapter, jnp.concatenate([x_t, x_t]), jnp.concatenate([sigma, sigma]),
@@ -162,7 +165,8 @@ def dmd_generator_loss(
     k_sigma, k_noise = jax.random.split(rng)
     sigma = score_sigma(k_sigma, b, cfg, sigmas, exit_k)
     x_t = renoise(jax.lax.stop_gradient(x_gen), jax.random.normal(k_noise, x_gen.shape), sigma)
-    v_fake = guided(denoise, critic_adapter, x_t, sigma, cond, uncond, cfg.fake_score_guidance_scale)
+    v_fake = guided(denoise, critic_adapter, x_t, sigma, cond, uncond, cfg.fake_score_guidance_scale,
+                    zero_is_off=True)
     v_real = guided(denoise, None, x_t, sigma, cond, uncond, cfg.real_score_guidance_scale)  # teacher: NO adapter
     x0_fake = jax.lax.stop_gradient(x0_from_velocity(x_t, sigma, v_fake))
     x0_real = jax.lax.stop_gradient(x0_from_velocity(x_t, sigma, v_real))
