@@ -20,6 +20,66 @@ COW_PROMPT = (
     "xpression, its face a mixture of curiosity and worry, in a world devoid of color."
 )
 
+
+def dmd_options() -> dict:
+    """distillation_config's DMD options (spec/distillation.md); defaults are the seed dmd-config.json's."""
+    return dict(
+        dmd_denoising_steps="1000,757,522",
+        generator_update_interval=1,
+        real_score_guidance_scale=3.0,  # teacher CFG v_u + g (v_c - v_u) (FastVideo's legacy w = g - 1)
+        fake_score_guidance_scale=0.0,
+        fake_score_lr=1e-5,
+        fake_score_weight_decay=0.01,
+        fake_score_betas=(0.9, 0.999),
+        fake_score_eps=1e-8,
+        fake_score_grad_clip=1.0,
+        min_timestep_ratio=0.02,
+        max_timestep_ratio=0.98,
+        timestep_shift=1.0,
+        min_score_timestep=0.0,
+        ts_schedule=True,
+        ts_schedule_max=False,
+        last_step_only=False,
+        num_training_frames=21,
+        flow_matching_weight=0.0,  # generator flow-matching loss on real latents (SimpleTuner always adds it)
+        # Self-Forcing (block-causal) options: no effect on a bidirectional Wan student; reported by name
+        num_frame_per_block=3,
+        independent_first_frame=False,
+        same_step_across_blocks=False,
+        context_noise=0.0,
+    )
+
+
+def dcm_options() -> dict:
+    """distillation_config's DCM options (spec/distillation.md): SimpleTuner's keys first, then wanjax's."""
+    return dict(
+        mode="semantic",  # "semantic" (consistency) | "fine" (+ adversarial loss on the detail intervals)
+        euler_steps=placeholder(int),  # E teacher Euler steps (SimpleTuner's docs); None: euler_timesteps, else 50
+        euler_timesteps=placeholder(int),  # the same setting under the name SimpleTuner's code reads
+        dcm_shift=placeholder(float),  # SimpleTuner's sampler shift; must equal flow_schedule_shift when set
+        multiphase=4,  # M phases = student steps
+        distill_cfg=5.0,  # teacher CFG v_u + w (v_c - v_u), uncond = negative (else empty) prompt
+        adv_weight=0.1,  # fine: generator loss = consistency + adv_weight * L_G
+        model_family=placeholder(str),  # SimpleTuner's discriminator family; only "wan"
+        discriminator_head_stride=2,  # heads on the outputs of blocks 0, 2, 4, ...
+        discriminator_total_layers=placeholder(int),  # derived from the model; must match it when set
+        discriminator_width=1024,  # head channels (1x1 conv C -> width)
+        discriminator_lr=1e-5,
+        discriminator_betas=(0.0, 0.999),
+        discriminator_eps=1e-8,
+        discriminator_weight_decay=0.0,
+        discriminator_grad_clip=1.0,  # gradient-norm clip of the discriminator
+        adv_sigma_range=0.7,  # sigma_adv from grid points [b, b + range * E) (the original's 35 of 50)
+        pseudo_huber_c=1e-3,
+        temporal_loss_weight=1.0,  # lambda_t of the temporal-coherence MSE
+        temporal_frame_stride=3,  # d latent frames
+        target_model="ema",  # consistency target: "ema" of the student adapter | "student" (no gradient)
+        ema_target_decay=0.95,  # EMA of the target, every step
+        dual_experts=False,  # two adapters: semantic (high noise) + detail (low noise), both exported
+        expert_boundary=0.7,  # j >= boundary * E is semantic (rounded down to a phase boundary)
+    )
+
+
 def base_config() -> ConfigDict:
     c = ConfigDict()
     # -- model -----------------------------------------------------------------------------------------
@@ -119,57 +179,7 @@ def base_config() -> ConfigDict:
 
     # -- distillation (SimpleTuner's `distillation_method` + `distillation_config`) -----------------------
     c.distillation_method = placeholder(str)  # None: LoRA flow matching; "dmd" | "dcm"
-    c.distillation_config = ConfigDict(dict(
-        # DMD (spec/distillation.md); defaults are the seed dmd-config.json's
-        dmd_denoising_steps="1000,757,522",
-        generator_update_interval=1,
-        real_score_guidance_scale=3.0,  # teacher CFG v_u + g (v_c - v_u) (FastVideo's legacy w = g - 1)
-        fake_score_guidance_scale=0.0,
-        fake_score_lr=1e-5,
-        fake_score_weight_decay=0.01,
-        fake_score_betas=(0.9, 0.999),
-        fake_score_eps=1e-8,
-        fake_score_grad_clip=1.0,
-        min_timestep_ratio=0.02,
-        max_timestep_ratio=0.98,
-        timestep_shift=1.0,
-        min_score_timestep=0.0,
-        ts_schedule=True,
-        ts_schedule_max=False,
-        last_step_only=False,
-        num_training_frames=21,
-        flow_matching_weight=0.0,  # generator flow-matching loss on real latents (SimpleTuner always adds it)
-        # Self-Forcing (block-causal) options: no effect on a bidirectional Wan student; reported by name
-        num_frame_per_block=3,
-        independent_first_frame=False,
-        same_step_across_blocks=False,
-        context_noise=0.0,
-        # DCM (spec/distillation.md): SimpleTuner's keys first, then wanjax's
-        mode="semantic",  # "semantic" (consistency) | "fine" (+ adversarial loss on the detail intervals)
-        euler_steps=placeholder(int),  # E teacher Euler steps (SimpleTuner's docs); None: euler_timesteps, else 50
-        euler_timesteps=placeholder(int),  # the same setting under the name SimpleTuner's code reads
-        dcm_shift=placeholder(float),  # SimpleTuner's sampler shift; must equal flow_schedule_shift when set
-        multiphase=4,  # M phases = student steps
-        distill_cfg=5.0,  # teacher CFG v_u + w (v_c - v_u), uncond = negative (else empty) prompt
-        adv_weight=0.1,  # fine: generator loss = consistency + adv_weight * L_G
-        model_family=placeholder(str),  # SimpleTuner's discriminator family; only "wan"
-        discriminator_head_stride=2,  # heads on the outputs of blocks 0, 2, 4, ...
-        discriminator_total_layers=placeholder(int),  # derived from the model; must match it when set
-        discriminator_width=1024,  # head channels (1x1 conv C -> width)
-        discriminator_lr=1e-5,
-        discriminator_betas=(0.0, 0.999),
-        discriminator_eps=1e-8,
-        discriminator_weight_decay=0.0,
-        discriminator_grad_clip=1.0,  # gradient-norm clip of the discriminator
-        adv_sigma_range=0.7,  # sigma_adv from grid points [b, b + range * E) (the original's 35 of 50)
-        pseudo_huber_c=1e-3,
-        temporal_loss_weight=1.0,  # lambda_t of the temporal-coherence MSE
-        temporal_frame_stride=3,  # d latent frames
-        target_model="ema",  # consistency target: "ema" of the student adapter | "student" (no gradient)
-        ema_target_decay=0.95,  # EMA of the target, every step
-        dual_experts=False,  # two adapters: semantic (high noise) + detail (low noise), both exported
-        expert_boundary=0.7,  # j >= boundary * E is semantic (rounded down to a phase boundary)
-    ))
+    c.distillation_config = ConfigDict({**dmd_options(), **dcm_options()})
 
     # -- sharding --------------------------------------------------------------------------------------
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, context=1, tensor=1))

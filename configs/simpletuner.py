@@ -33,7 +33,7 @@ import sys
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base_config  # noqa: E402
+from common import base_config, dcm_options, dmd_options  # noqa: E402
 
 from wanjax.model_source import resolve_model  # noqa: E402
 
@@ -321,9 +321,15 @@ def _convert(data: dict) -> tuple[dict, dict, dict]:
                                       "give a JSON file {nickname: prompt} (user_prompt_library)")
             elif key == "distillation_config":
                 known = sorted(base.distillation_config.keys())
+                method = str(data.get("distillation_method") or "").lower()
+                own = {"dmd": dmd_options(), "dcm": dcm_options()}.get(method, {})
                 for sub, v in _distillation_config(value).items():
                     if sub in known:
-                        put(f"distillation_config.{sub}", v, f"distillation_config.{sub}")
+                        put(f"distillation_config.{sub}", v, f"distillation_config.{sub}")  # type-checked
+                        if sub not in own:  # kept, but this run's method does not read it
+                            other = "DMD" if sub in dmd_options() else "DCM"
+                            unhonored[f"distillation_config.{sub}"] = f"a {other} option: no effect on a " + (
+                                f"{method.upper()} run" if own else "run without distillation_method (LoRA)")
                     else:
                         unhonored[f"distillation_config.{sub}"] = (
                             "unknown distillation option: not recognised by wanjax" + _suggest(sub, known))

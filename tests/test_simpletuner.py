@@ -60,6 +60,23 @@ def test_dotted_report_keys_never_crash(tmp_path):
     assert "unknown distillation option" in report["distillation_config/a/b"]
 
 
+def test_the_other_methods_distillation_options_are_reported(tmp_path):
+    """A DMD key in a DCM run (and the reverse, and any in a LoRA run) is kept, type-checked, and reported as having
+    no effect: never dropped silently."""
+    dcm = load(tmp_path, {"distillation_method": "dcm", "distillation_config": {
+        "real_score_guidance_scale": 8, "generator_update_interval": 5, "multiphase": 4}})
+    report = dict(dcm.simpletuner["unhonored"]["distillation_config"])
+    assert report == {"real_score_guidance_scale": "a DMD option: no effect on a DCM run",
+                      "generator_update_interval": "a DMD option: no effect on a DCM run"}
+    dmd = load(tmp_path, {"distillation_method": "dmd", "distillation_config": {"distill_cfg": 9, "mode": "fine"}})
+    assert set(dmd.simpletuner["unhonored"]["distillation_config"]) == {"distill_cfg", "mode"}
+    lora = load(tmp_path, {"distillation_config": {"fake_score_lr": 1e-4}})
+    assert dict(lora.simpletuner["unhonored"]["distillation_config"]) == {
+        "fake_score_lr": "a DMD option: no effect on a run without distillation_method (LoRA)"}
+    refused(tmp_path, {"distillation_method": "dcm", "distillation_config": {"fake_score_betas": "0.9"}},
+            "expected 2 values")
+
+
 # -- 2. distillation_config as a string (SimpleTuner literal_evals it) -------------------------------------
 @pytest.mark.parametrize("text", ['{"mode": "semantic", "euler_steps": 100, "dual_experts": true}',
                                   "{'mode': 'semantic', 'euler_steps': 100, 'dual_experts': True}"])
