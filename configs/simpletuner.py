@@ -429,6 +429,16 @@ def get_config(arg=None):
         unhonored["caption_dropout_probability (semantics)"] = (
             f"{c.caption_dropout_probability}: DMD drops captions only in its optional flow-matching term "
             "(distillation_config.flow_matching_weight, here 0); the generator and critic always see the captions")
+    method = str(c.distillation_method or "").lower()
+    if method in ("dmd", "dcm") and data.get("validation_num_inference_steps") is not None:
+        d = c.distillation_config
+        steps = d.multiphase if method == "dcm" else len(
+            [t for t in (d.dmd_denoising_steps.split(",") if isinstance(d.dmd_denoising_steps, str)
+                         else d.dmd_denoising_steps) if str(t).strip()])
+        if int(c.validation_num_inference_steps) != int(steps):
+            unhonored["validation_num_inference_steps"] = (
+                f"{c.validation_num_inference_steps}: the {method.upper()} student samples in its own {steps} steps "
+                + ("(multiphase)" if method == "dcm" else "(dmd_denoising_steps)"))
     c.simpletuner = dict(source=os.path.abspath(arg), unhonored=_report_tree(unhonored))
     for key, reason in sorted(unhonored.items()):
         print(f"[simpletuner] {key}: not honored: {reason}", file=sys.stderr)

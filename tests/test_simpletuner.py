@@ -77,6 +77,14 @@ def test_the_other_methods_distillation_options_are_reported(tmp_path):
             "expected 2 values")
 
 
+def test_validation_steps_of_a_student_are_its_own():
+    """The DCM seed's validation_num_inference_steps=8: the 4-step student samples in its 4 steps (reported); the DMD
+    seed's 3 equals its 3 steps (nothing to report)."""
+    dcm = load(None, "dcm-config.json").simpletuner["unhonored"]
+    assert dcm["validation_num_inference_steps"] == "8: the DCM student samples in its own 4 steps (multiphase)"
+    assert "validation_num_inference_steps" not in load(None, "dmd-config.json").simpletuner["unhonored"]
+
+
 # -- 2. distillation_config as a string (SimpleTuner literal_evals it) -------------------------------------
 @pytest.mark.parametrize("text", ['{"mode": "semantic", "euler_steps": 100, "dual_experts": true}',
                                   "{'mode': 'semantic', 'euler_steps': 100, 'dual_experts': True}"])
