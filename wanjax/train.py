@@ -324,8 +324,7 @@ def run(config) -> dict:
     try:  # before resolve() too: a mesh these devices cannot make is a typo, found in a second
         mesh = make_mesh(**dict(config.mesh))
     except ValueError as e:
-        raise ConfigError(f"mesh={dict(config.mesh)}: {e} ({jax.device_count()} devices, "
-                          f"{jax.process_count()} process(es))") from None
+        raise ConfigError(f"config.mesh: {e} ({jax.process_count()} process(es))") from None
     r = resolve(config)
     _check_layout(config, mesh, r.reader.config, r.manifest, r.method)
     if jax.process_index() == 0:
