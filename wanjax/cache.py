@@ -3,9 +3,10 @@
     python -m wanjax.cache --config configs/lora.py[:variant] --config.data_backend_config=multidatabackend.json
 
 Reads `data_backend_config` (SimpleTuner's dataset list, wanjax/data/sources.py), writes `cache_dir`, encodes with
-the VAE and UMT5 of `pretrained_model_name_or_path` (vae/, text_encoder/, tokenizer/). Optional config keys:
-cache_shard_size (32 items), vae_batch_size (1, per local device), text_encoder_batch_size (1), cache_dtype (bf16 |
-fp16 | fp32), cache_decode_threads (4), validation_prompt, validation_negative_prompt, validation_prompt_library.
+the VAE and UMT5 of `pretrained_model_name_or_path` (vae/, text_encoder/, tokenizer/; wanjax/encoders.py). Optional
+config keys: cache_shard_size (32 items), vae_batch_size (1, per local device), text_encoder_batch_size (1),
+cache_dtype (bf16 | fp16 | fp32), cache_decode_threads (4), validation_prompt, validation_negative_prompt,
+validation_prompt_library.
 
 Multi-process (jax.distributed; `cache_dir` on a filesystem every process sees): item i of the discovered list
 (deterministic order) belongs to process i % P. A process works through its share in chunks of cache_shard_size
@@ -31,13 +32,13 @@ but without its done-list is redone and the orphan removed at the merge). Settin
 that shape latents (dataset options, encoder sizes, dtype) are kept in progress/settings.json and a rerun with other
 values is refused.
 
-Changed items: each record's done-list entry holds a fingerprint of its item as encoded -- size and mtime_ns of the
-media file and a hash of the caption text (prompts datasets: of the prompt; TFDS: the caption only, not compared as
-it is known only after loading). A caption edited or a video replaced at the same path makes `pending` ask for the
-job, which re-encodes exactly those items into new shards; the newest record of a key (latest run) is the active
-one, the older ones stay on disk, inactive (counted as `replaced` in the report). Records in done-lists written
-before fingerprints were recorded have none and count as unchanged (no mass re-encode after an upgrade; edits to
-those items are noticed only once they are re-encoded for another reason).
+Changed items (wanjax/data/fingerprints.py): each record's done-list entry holds a fingerprint of its item as
+encoded -- size and mtime_ns of the media file and a hash of the caption text (prompts datasets: of the prompt; TFDS:
+the caption only, not compared as it is known only after loading). A caption edited or a video replaced at the same
+path makes `pending` ask for the job, which re-encodes exactly those items into new shards; the newest record of a
+key (latest run) is the active one, the older ones stay on disk, inactive (counted as `replaced` in the report).
+Records in done-lists written before fingerprints were recorded have none and count as unchanged (no mass re-encode
+after an upgrade; edits to those items are noticed only once they are re-encoded for another reason).
 
 Active records: the manifest covers every complete shard, but only records of items found now are active (trained
 on). Records of items no longer current -- a dataset disabled or removed from data_backend_config, a file deleted,
@@ -54,21 +55,22 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
 
 from wanjax.data import records, sources
+from wanjax.data.fingerprints import caption_hash, changed_items, item_fingerprint, latest_records
 from wanjax.data.records import ShardInfo, ShardWriter
 from wanjax.data.video import Skip, latent_frames, to_model_input
+from wanjax.encoders import Encoders, load_encoders  # called as this module's load_encoders (tests patch it here)
 
 log = logging.getLogger("wanjax.cache")
 PROGRESS_DIR = "progress"
@@ -82,68 +84,6 @@ class CacheConfigError(ValueError):
 
 class CacheError(RuntimeError):
     """The job ran but cannot produce a usable cache (nothing usable, unfinished shares, changed settings)."""
-
-
-@dataclass(frozen=True)
-class Encoders:
-    """What caching needs from the VAE and the text encoder. `load_encoders` builds the real ones; tests pass small
-    deterministic stand-ins.
-
-    encode_video: float32 (B, 3, F, H, W) in [-1, 1], F = 4k + 1, H, W multiples of spatial_factor, B =
-        video_batch_size -> normalised latents (B, latent_channels, 1 + (F - 1) // 4, H / sf, W / sf).
-    encode_text: text_batch_size prompts -> (embeddings (B, text_len, text_dim), true token counts (B,)).
-    """
-
-    encode_video: Callable[[np.ndarray], Any]
-    encode_text: Callable[[Sequence[str]], tuple[Any, Any]]
-    latent_channels: int
-    text_dim: int
-    spatial_factor: int = 8
-    text_len: int = 512
-    video_batch_size: int = 1
-    text_batch_size: int = 1
-    name: str = ""
-
-
-def load_encoders(pipeline_path: str, *, vae_batch_size: int = 1, text_batch_size: int = 1,
-                  text_len: int = 512) -> Encoders:
-    """The pipeline's VAE (batch split over this process's devices, `vae_batch_size` each) and UMT5. A hub id
-    is downloaded first (vae/, text_encoder/, tokenizer/ only)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from wanjax import text_io, vae_io
-    from wanjax.models import vae as vae_lib
-
-    from wanjax.model_source import looks_like_repo_id
-
-    path = str(pipeline_path)
-    if looks_like_repo_id(path):
-        import huggingface_hub as hf
-
-        path = hf.snapshot_download(path, allow_patterns=["model_index.json", "vae/*", "text_encoder/*",
-                                                          "tokenizer/*"])
-    vae_cfg, vae_params = vae_io.load_vae(path, subfolder="vae")
-    te_cfg, te_params, tokenizer = text_io.load_text_encoder(path, subfolder="text_encoder",
-                                                             tokenizer_subfolder="tokenizer")
-    mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
-    vae_params = jax.device_put(vae_params, NamedSharding(mesh, PartitionSpec()))
-    encode = jax.jit(lambda params, video: vae_lib.vae_encode(vae_cfg, params, video))
-    sf = int(getattr(vae_cfg, "spatial_factor", None) or getattr(vae_cfg, "scale_factor_spatial", None) or 8)
-    probe = jax.eval_shape(encode, vae_params, jax.ShapeDtypeStruct((1, 3, 1, 2 * sf, 2 * sf), jnp.float32))
-
-    def encode_video(batch: np.ndarray) -> Any:
-        return encode(vae_params, jax.device_put(batch, NamedSharding(mesh, PartitionSpec("batch"))))
-
-    def encode_text(prompts: Sequence[str]) -> tuple[Any, Any]:
-        return text_io.encode_prompts(te_cfg, te_params, tokenizer, list(prompts), max_length=text_len,
-                                      batch_size=text_batch_size, return_lengths=True)
-
-    emb, _ = encode_text([""] * text_batch_size)
-    return Encoders(encode_video, encode_text, latent_channels=int(probe.shape[1]), text_dim=int(emb.shape[-1]),
-                    spatial_factor=sf, text_len=text_len, video_batch_size=vae_batch_size * mesh.size,
-                    text_batch_size=text_batch_size, name=str(pipeline_path))
 
 
 @dataclass
@@ -252,8 +192,8 @@ def build_cache(config, *, encoders: Encoders | None = None, process_index: int 
 
     progress = _Progress(cache_dir, p)
     shards = _shard_infos(cache_dir)
-    latest = _latest(shards)
-    changed = _changed_items(found.items, shards, latest)
+    latest = latest_records(shards)
+    changed = changed_items(found.items, shards, latest)
     if changed and p == 0:
         k = next(iter(changed))
         log.warning("%d cached items changed since they were encoded (e.g. %s: %s): re-encoded into new shards, "
@@ -342,14 +282,14 @@ def pending(config) -> str | None:
     if repeats:  # (a dataset no longer listed keeps its records: build_cache reports them as stale)
         return f"repeats of datasets {repeats} changed"
     shards = _shard_infos(cache_dir)
-    latest = _latest(shards)
+    latest = latest_records(shards)
     skipped_before = set(_read_report(cache_dir).skipped) if (cache_dir / REPORT_FILE).is_file() else set()
     with _dataset_errors(config):
         found = sources.discover(datasets)
     new = [it.key for it in found.items if it.key not in latest and it.key not in skipped_before]
     if new:
         return f"{len(new)} files not cached yet (e.g. {new[0]})"
-    changed = _changed_items(found.items, shards, latest)
+    changed = changed_items(found.items, shards, latest)
     retry = {k: why for k, why in changed.items() if k not in skipped_before}  # skipped last time: like new files
     if retry:
         k = next(iter(retry))
@@ -387,63 +327,6 @@ def _active_records(manifest: records.Manifest, shards: list[ShardInfo]) -> dict
         return str(e)
     rows = ((name, i, k) for name in manifest.shards for i, k in enumerate(by_name[name].keys))
     return {(name, i): k for (name, i, k), on in zip(rows, active) if on}
-
-
-# -- item fingerprints ------------------------------------------------------------------------------------------
-def _caption_hash(caption: str) -> str:
-    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:16]
-
-
-def _fingerprint(item: sources.Item) -> dict[str, Any] | None:
-    """What an item looks like now, cheaply: size and mtime_ns of its media file (local datasets) and a hash of its
-    caption (when known before loading: not for TFDS). None when there is nothing to tell."""
-    fp: dict[str, Any] = {}
-    if item.path:
-        try:
-            st = os.stat(item.path)
-            fp.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        except OSError:
-            pass
-    if item.caption is not None:
-        fp["caption"] = _caption_hash(item.caption)
-    return fp or None
-
-
-def _difference(old: Any, now: dict[str, Any] | None) -> str | None:
-    """How an item changed since its record was encoded, or None. Only what both fingerprints hold is compared: a
-    record without one (done-lists written before fingerprints were recorded) counts as unchanged."""
-    if not isinstance(old, dict) or not now:
-        return None
-    what = []
-    if "caption" in old and "caption" in now and old["caption"] != now["caption"]:
-        what.append("caption edited")
-    if any(k in old and k in now and old[k] != now[k] for k in ("size", "mtime_ns")):
-        what.append("media file replaced or modified")
-    return " and ".join(what) or None
-
-
-def _latest(shards: list[ShardInfo]) -> dict[str, tuple[int, int]]:
-    """key -> (shard index, position) of its current record: the one of the latest run (ties: the later shard in
-    name order). A key has several records when its item was re-encoded after its file or caption changed."""
-    best: dict[str, tuple[tuple[int, int], int, int]] = {}
-    for si, s in enumerate(shards):
-        for pos, k in enumerate(s.keys):
-            if k not in best or (s.run, si) >= best[k][0]:
-                best[k] = ((s.run, si), si, pos)
-    return {k: (si, pos) for k, (_, si, pos) in best.items()}
-
-
-def _changed_items(items: list[sources.Item], shards: list[ShardInfo],
-                   latest: dict[str, tuple[int, int]]) -> dict[str, str]:
-    """key -> how it changed, for the items whose latest record was encoded from another file or caption."""
-    out = {}
-    for it in items:
-        if it.key in latest:
-            si, pos = latest[it.key]
-            why = _difference(shards[si].fingerprint(pos), _fingerprint(it))
-            if why:
-                out[it.key] = why
-    return out
 
 
 def _barrier(name: str) -> None:
@@ -594,7 +477,7 @@ class _Worker:
         pending: dict[tuple, list] = collections.defaultdict(list)
         skips = len(self.progress.skipped)
         for item in chunk:  # taken before decoding: a file replaced meanwhile reads as changed on the next run
-            self.fingerprints[item.key] = _fingerprint(item) or {}
+            self.fingerprints[item.key] = item_fingerprint(item) or {}
         prompts = [it for it in chunk if self.datasets[it.dataset].type == "prompts"]
         for item in prompts:  # nothing to decode: text only, with the configured latent shape
             self.texts.append((item, item.caption, self._latent_shape(self.datasets[item.dataset])))
@@ -639,7 +522,7 @@ class _Worker:
             for (item, caption, lat), e, n in zip(batch, emb, lengths):
                 example = {"key": item.key, "dataset": item.dataset, "caption": caption,
                            "prompt_embeds": e[:n].astype(self.dtype),
-                           "fingerprint": {**self.fingerprints.pop(item.key, {}), "caption": _caption_hash(caption)}}
+                           "fingerprint": {**self.fingerprints.pop(item.key, {}), "caption": caption_hash(caption)}}
                 if isinstance(lat, tuple):  # a prompts dataset: the latent shape only
                     example["latent_shape"] = lat
                 else:
@@ -668,10 +551,10 @@ def _encode_prompts(enc: Encoders, prompts: list[str]) -> tuple[np.ndarray, np.n
 def _merge(cache_dir: Path, found: sources.Discovery, datasets: list, enc: Encoders, config, opts: _Options,
            n_proc: int, library: dict[str, str], load: Callable[[], Encoders] | None = None) -> CacheReport:
     shards = _shard_infos(cache_dir)
-    latest = _latest(shards)
+    latest = latest_records(shards)
     # an item changed since its latest record was encoded (its re-encoding skipped, e.g. the new file is corrupt)
     # is not trained on from the old record
-    fresh = set(latest) - set(_changed_items(found.items, shards, latest))
+    fresh = set(latest) - set(changed_items(found.items, shards, latest))
     current = [it.key for it in found.items]
     current_set = set(current)
     skipped = dict(found.skipped)
@@ -811,7 +694,7 @@ def _write_prompt_files(cache_dir: Path, enc: Encoders, library: dict[str, str],
 def main(argv: list[str] | None = None) -> int:
     from wanjax import cli
 
-    parsed = cli.parse(argv)
+    parsed = cli.parse(argv, prog="wanjax.cache")
     if isinstance(parsed, int):
         return parsed
     config, _ = parsed
