@@ -303,6 +303,17 @@ def test_unknown_config_key_refused(assets, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_help_prints_usage(capsys):
+    """--help (or -h) prints the usage and exits 0 (absl used to call it an unknown flag); the caching CLI too."""
+    from wanjax import cache
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m wanjax.train --config CONFIG") and "--dry_run" in out
+    assert cache.main(["cache", "-h"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m wanjax.cache --config CONFIG")
+
+
 def test_gpu_memory_fraction_set_for_jax_unless_the_environment_has_one(monkeypatch):
     """config.gpu_memory_fraction becomes XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's GPU pool; its default 0.75 holds
     59.7 GiB of an 80 GB H100, less than 14B DMD needs); a fraction in the environment, under either of JAX's names,

@@ -8,12 +8,29 @@ import re
 import sys
 
 
-def parse(argv: list[str] | None, *, dry_run_flag: bool = False):
-    """(config, dry_run) from the command line, or an exit status (2) after printing the error."""
+HELP = ("-h", "--help", "-help", "--helpfull")
+
+
+def usage(prog: str, *, dry_run_flag: bool = False) -> str:
+    return (f"usage: python -m {prog} --config CONFIG[:VARIANT] [--config.KEY=VALUE ...]"
+            + (" [--dry_run]" if dry_run_flag else "") + "\n\n"
+            "  --config       a config file: configs/lora.py, configs/dmd.py, configs/dcm.py (variant :tiny runs the\n"
+            "                 embedded tiny model), or configs/simpletuner.py:YOUR_SIMPLETUNER_CONFIG.json\n"
+            "  --config.KEY   override one option, e.g. --config.learning_rate=2e-5 --config.mesh.fsdp=8; unknown\n"
+            "                 keys are refused\n"
+            + ("  --dry_run      print the resolved config (every key) as JSON and exit\n" if dry_run_flag else "")
+            + "\nOptions and their SimpleTuner names: README.md and configs/common.py.")
+
+
+def parse(argv: list[str] | None, *, dry_run_flag: bool = False, prog: str = "wanjax.train"):
+    """(config, dry_run) from the command line, or an exit status: 2 after printing the error, 0 after --help."""
     from absl import flags
     from ml_collections import config_flags
 
     argv = list(sys.argv if argv is None else argv)
+    if any(a in HELP for a in argv[1:]):
+        print(usage(prog, dry_run_flag=dry_run_flag))
+        return 0
     fv = flags.FlagValues()
     saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.key` overrides in sys.argv itself
     try:
