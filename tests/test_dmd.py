@@ -125,10 +125,9 @@ def test_rollout_and_student_sampler_match_their_formula():
     np.testing.assert_allclose(np.asarray(final), x - float(sigmas[2]) * (0.5 * x + 1.1), rtol=1e-5)
 
 
-def test_generator_updates_counted_in_optimizer_steps():
-    """generator_update_interval=2: the generator moves on optimizer steps 0, 2, 4; the critic on every step."""
-    cfg = dmd.DMDConfig(generator_update_interval=2)
-    gen_opt, crit_opt = optax.sgd(0.1), optax.sgd(0.1)
+def _interval_2_run(gen_opt, schedule):
+    """A toy DMD state, frozen base, batch and jitted step with generator_update_interval=2 (critic: SGD 0.1)."""
+    cfg, crit_opt = dmd.DMDConfig(generator_update_interval=2), optax.sgd(0.1)
 
     def forward(base, adapter, x, t, ctx):
         return _fake_denoise(adapter, x, t / 1000.0, ctx) * base["scale"]
@@ -140,8 +139,14 @@ def test_generator_updates_counted_in_optimizer_steps():
     batch = {"latents": jnp.zeros((2, 2, 1, 2, 2)), "prompt_embeds": jnp.ones((2, 3, 4))}
     step = jax.jit(lambda s, f, b: dmd.dmd_step(s, f, b, forward=forward, gen_adapter=lambda p: p,
                                                 critic_adapter=lambda p: p, cfg=cfg, gen_optimizer=gen_opt,
-                                                critic_optimizer=crit_opt, schedule=lambda n: 0.1))
-    updated, gens, crits = [], [float(gen["w"])], [float(critic["w"])]
+                                                critic_optimizer=crit_opt, schedule=schedule))
+    return state, frozen, batch, step
+
+
+def test_generator_updates_counted_in_optimizer_steps():
+    """generator_update_interval=2: the generator moves on optimizer steps 0, 2, 4; the critic on every step."""
+    state, frozen, batch, step = _interval_2_run(optax.sgd(0.1), lambda n: 0.1)
+    updated, gens, crits = [], [float(state.gen["w"])], [float(state.critic["w"])]
     for _ in range(5):
         state, m = step(state, frozen, batch)
         updated.append(float(m["generator_updated"]))
@@ -156,21 +161,8 @@ def test_generator_lr_follows_the_trainer_step():
     """With generator_update_interval=2 the generator's lr is the schedule at the trainer's step (SimpleTuner steps
     its scheduler every global step), not at its own update count, and the logged lr is the applied one. Lion moves
     each weight by exactly lr (sign update, no weight decay): linear 0.1 -> 0 over 5 steps gives 0.1, 0.06, 0.02."""
-    cfg = dmd.DMDConfig(generator_update_interval=2)
     ocfg = optim.OptimConfig(optimizer="lion", learning_rate=0.1, lr_scheduler="linear", max_train_steps=5)
-    gen_opt, crit_opt = optim.make_optimizer(ocfg), optax.sgd(0.1)
-
-    def forward(base, adapter, x, t, ctx):
-        return _fake_denoise(adapter, x, t / 1000.0, ctx) * base["scale"]
-
-    gen, critic = {"w": jnp.asarray(0.3)}, {"w": jnp.asarray(0.0)}
-    state = dmd.DMDState(step=jnp.asarray(0, jnp.int32), gen=gen, gen_opt=gen_opt.init(gen), critic=critic,
-                         critic_opt=crit_opt.init(critic), ema=None, rng=jax.random.key_data(jax.random.key(0)))
-    frozen = dmd.DMDFrozen(params={"scale": jnp.asarray(1.0)}, uncond=jnp.zeros((3, 4)))
-    batch = {"latents": jnp.zeros((2, 2, 1, 2, 2)), "prompt_embeds": jnp.ones((2, 3, 4))}
-    step = jax.jit(lambda s, f, b: dmd.dmd_step(s, f, b, forward=forward, gen_adapter=lambda p: p,
-                                                critic_adapter=lambda p: p, cfg=cfg, gen_optimizer=gen_opt,
-                                                critic_optimizer=crit_opt, schedule=optim.make_schedule(ocfg)))
+    state, frozen, batch, step = _interval_2_run(optim.make_optimizer(ocfg), optim.make_schedule(ocfg))
     moves, logged = [], []
     for _ in range(5):
         before = float(state.gen["w"])
