@@ -22,7 +22,7 @@ COW_PROMPT = (
 
 
 def dmd_options() -> dict:
-    """distillation_config's DMD options (spec/distillation.md); defaults are the seed dmd-config.json's."""
+    """distillation_config's DMD options (docs/spec/distillation.md); defaults are the seed dmd-config.json's."""
     return dict(
         dmd_denoising_steps="1000,757,522",
         generator_update_interval=1,
@@ -51,7 +51,7 @@ def dmd_options() -> dict:
 
 
 def dcm_options() -> dict:
-    """distillation_config's DCM options (spec/distillation.md): SimpleTuner's keys first, then wanjax's."""
+    """distillation_config's DCM options (docs/spec/distillation.md): SimpleTuner's keys first, then wanjax's."""
     return dict(
         mode="semantic",  # "semantic" (consistency) | "fine" (+ adversarial loss on the detail intervals)
         euler_steps=placeholder(int),  # E teacher Euler steps (SimpleTuner's docs); None: euler_timesteps, else 50

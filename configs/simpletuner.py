@@ -357,8 +357,9 @@ def _convert(data: dict) -> tuple[dict, dict, dict]:
         out["max_train_steps"] = 0  # SimpleTuner: no max_train_steps -> the epochs set the length
     if "train_batch_size" in out:
         unhonored["train_batch_size (semantics)"] = (
-            "SimpleTuner's is per GPU; wanjax's is the global batch per optimizer step: multiply by your data-parallel "
-            "device count to keep the same global batch")
+            "SimpleTuner's is per GPU; wanjax's is the global batch of one forward/backward over all devices (x "
+            "gradient_accumulation_steps per optimizer step): multiply by your data-parallel device count to keep "
+            "the same global batch")
     return out, unhonored, origin
 
 

@@ -1,4 +1,4 @@
-"""Proof without real weights that wanjax's DMD and DCM distillers work (spec/distillation.md, last section).
+"""Proof without real weights that wanjax's DMD and DCM distillers work (docs/spec/distillation.md, last section).
 
     python scripts/toy_distill.py [--quick] [--seed 0] [--steps-teacher N] [--steps-dmd N] [--steps-dcm N]
                                   [--only all|dmd|dcm] [--teacher-cache teacher.npz] [--set FIELD=VALUE ...]

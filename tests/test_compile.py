@@ -72,7 +72,7 @@ def test_bad_inputs_are_refused():
         wanjax.WanConfig.from_diffusers(dict(ref.T2V, num_layer=3))
 
 
-RELEASED = {  # parameter counts of the released checkpoints (spec/transformer.md)
+RELEASED = {  # parameter counts of the released checkpoints (docs/spec/transformer.md)
     "wan2.1-t2v-1.3b": (dict(num_attention_heads=12, ffn_dim=8960, num_layers=30), 1_418_996_800),
     "wan2.1-t2v-14b": (dict(num_attention_heads=40, ffn_dim=13824, num_layers=40), 14_288_491_584),
     "wan2.1-i2v-14b": (dict(in_channels=36, image_dim=1280, added_kv_proj_dim=5120), 16_394_878_784),

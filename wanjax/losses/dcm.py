@@ -44,7 +44,7 @@ TARGETS = ("ema", "student")
 
 @dataclasses.dataclass(frozen=True)
 class DCMConfig:
-    """The DCM options, typed (spec/distillation.md); built from `distillation_config` by methods/dcm.py."""
+    """The DCM options, typed (docs/spec/distillation.md); built from `distillation_config` by methods/dcm.py."""
 
     mode: str = "semantic"  # "semantic": consistency loss only; "fine": + adversarial loss on the detail intervals
     euler_steps: int = 50  # E, teacher Euler steps on the grid

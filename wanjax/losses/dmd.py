@@ -25,7 +25,7 @@ Denoiser = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class DMDConfig:
-    """SimpleTuner's `distillation_config` keys for DMD, typed (see spec/distillation.md)."""
+    """SimpleTuner's `distillation_config` keys for DMD, typed (see docs/spec/distillation.md)."""
 
     denoising_steps: tuple[float, ...] = (1000.0, 757.0, 522.0)  # student timesteps, descending
     shift: float = 5.0  # flow_schedule_shift: student sigma_i = s(t_i / 1000)
