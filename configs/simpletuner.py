@@ -432,10 +432,10 @@ def get_config(arg=None):
             "(distillation_config.flow_matching_weight, here 0); the generator and critic always see the captions")
     method = str(c.distillation_method or "").lower()
     if method in ("dmd", "dcm") and data.get("validation_num_inference_steps") is not None:
+        from wanjax.methods.dmd import parse_steps  # the DMD trainer's reading of dmd_denoising_steps
+
         d = c.distillation_config
-        steps = d.multiphase if method == "dcm" else len(
-            [t for t in (d.dmd_denoising_steps.split(",") if isinstance(d.dmd_denoising_steps, str)
-                         else d.dmd_denoising_steps) if str(t).strip()])
+        steps = d.multiphase if method == "dcm" else len(parse_steps(d.dmd_denoising_steps))
         if int(c.validation_num_inference_steps) != int(steps):
             unhonored["validation_num_inference_steps"] = (
                 f"{c.validation_num_inference_steps}: the {method.upper()} student samples in its own {steps} steps "

@@ -69,8 +69,11 @@ def restore_host(state_dir: Path, keys) -> dict:
 def schedule_free_x(opt_state, params):
     """A schedule-free optimizer's evaluation weights x = (y - (1 - b1) z) / b1 (optax's schedule_free_eval_params)
     from a restored optimizer state (its ScheduleFreeState saved as a dict with `b1` and `z`); None if it has none."""
+    from types import SimpleNamespace
+
     import jax
     import numpy as np
+    import optax
 
     found = []
 
@@ -88,8 +91,9 @@ def schedule_free_x(opt_state, params):
     walk(opt_state)
     if not found:
         return None
-    b1, z = float(np.asarray(found[0]["b1"])), found[0]["z"]
-    return jax.tree_util.tree_map(lambda y, zi: ((y - (1.0 - b1) * zi) / b1).astype(y.dtype), params, z)
+    state = SimpleNamespace(b1=float(np.asarray(found[0]["b1"])), z=found[0]["z"])  # what optax reads of the state
+    x = optax.contrib.schedule_free_eval_params(state, params)
+    return jax.tree_util.tree_map(lambda xi, y: np.asarray(xi).astype(y.dtype), x, params)
 
 
 def main(argv=None):

@@ -164,7 +164,8 @@ def test_mesh_layouts_refused_before_the_base_loads(assets, tmp_path, monkeypatc
     monkeypatch.setattr(tio, "materialize", boom)
     with pytest.raises(ConfigError, match=r"config.mesh: mesh sizes .*'fsdp': 3.* need 3 devices, have 8 \(1 process"):
         run(tiny_config(assets, tmp_path / "x", **{"mesh.fsdp": 3}))
-    with pytest.raises(ConfigError, match="mesh.context=4: num_attention_heads=2 must be divisible by context = 4"):
+    with pytest.raises(ConfigError, match="mesh.context=4: context parallelism: num_attention_heads=2 must be "
+                                          "divisible by the `context` mesh axis size 4"):
         run(tiny_config(assets, tmp_path / "x", **{"mesh.fsdp": 2, "mesh.context": 4}))
 
     mesh = SimpleNamespace(shape={"data": 1, "fsdp": 4, "context": 2, "tensor": 1})

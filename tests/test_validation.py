@@ -240,12 +240,12 @@ def test_validation_unresolvable_collision_names_both_nicknames():
 # -- 3. other settings that used to fail only at a validation round -----------------------------------------------
 def test_validation_library_problems_are_refused(tmp_path):
     """Duplicate nicknames (json.loads kept the last one: a prompt vanished), bad JSON, a list, no prompt text."""
-    with pytest.raises(V.ValidationConfigError, match=r"validation_prompt_library=.*: unreadable \(key 'a' appears "
-                                                      r"twice\)"):
+    with pytest.raises(V.ValidationConfigError, match=r"validation_prompt_library=.*: unreadable \(ValueError: key "
+                                                      r"'a' appears twice\)"):
         V.settings_from_config(config(tmp_path, '{"a": "x", "a": "y"}'))
-    with pytest.raises(V.ValidationConfigError, match=r"validation_prompt_library=.*: unreadable \(Expecting"):
+    with pytest.raises(V.ValidationConfigError, match=r"validation_prompt_library=.*: unreadable \(JSONDecodeError: Expecting"):
         V.settings_from_config(config(tmp_path, '{"cat": "a cat",}'))
-    with pytest.raises(V.ValidationConfigError, match=r"expected an object \{nickname: prompt\}"):
+    with pytest.raises(V.ValidationConfigError, match=r"expected a JSON object \{name: prompt\}, got list"):
         V.settings_from_config(config(tmp_path, ["a cat"]))
     with pytest.raises(V.ValidationConfigError, match=r"entry 'cat' has no prompt text"):
         V.settings_from_config(config(tmp_path, {"cat": {"text": "a cat"}}))

@@ -256,8 +256,9 @@ def pending(config) -> str | None:
     outside max_num_samples needs a new manifest that stops training on its records; one listed again needs a
     manifest that trains on it again; neither re-encodes anything). A cached item whose caption or media file
     (size, mtime) changed since it was encoded is named for re-encoding (a record without a fingerprint, from an
-    older job, counts as unchanged). Reads file lists, captions and file stats, no media and no encoders; the trainer calls it to skip loading the encoders when nothing changed. Changed settings are left to
-    build_cache, which refuses them."""
+    older job, counts as unchanged). Reads file lists, captions and file stats, no media and no encoders; the trainer
+    calls it to skip loading the encoders when nothing changed. Changed settings are left to build_cache, which
+    refuses them."""
     cache_dir = Path(config.cache_dir)
     settings_path = cache_dir / PROGRESS_DIR / "settings.json"
     if not (cache_dir / records.MANIFEST).is_file():
@@ -300,9 +301,10 @@ def pending(config) -> str | None:
     have = _active_records(manifest, shards)
     if isinstance(have, str):
         return have
-    gone = sorted({k for r, k in have.items() if r not in want and k not in set(want.values())})
-    back = sorted({k for r, k in want.items() if r not in have and k not in set(have.values())})
-    older = sorted({k for r, k in want.items() if r not in have and k in set(have.values())})
+    want_keys, have_keys = set(want.values()), set(have.values())
+    gone = sorted({k for r, k in have.items() if r not in want and k not in want_keys})
+    back = sorted({k for r, k in want.items() if r not in have and k not in have_keys})
+    older = sorted({k for r, k in want.items() if r not in have and k in have_keys})
     why = []
     if gone:
         why.append(f"{len(gone)} cached records are trained on but no longer in the dataset list (e.g. {gone[0]}: "
@@ -640,21 +642,12 @@ def _prompt_library(config, notes: list) -> dict[str, str]:
     key = "validation_prompt_library" if config.get("validation_prompt_library", None) else "user_prompt_library"
     lib = config.get(key, None)
     if isinstance(lib, str) and lib.lower() not in ("false", "none", "true", ""):
-        from wanjax.validation import no_duplicate_keys  # json.loads would keep the last silently
+        from wanjax.validation import ValidationConfigError, prompt_library  # validation reads the same file
 
         try:
-            entries = json.loads(Path(lib).read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
-        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise CacheConfigError(f"{key}={lib!r}: unreadable ({type(e).__name__}: {e})") from None
-        if not isinstance(entries, dict):
-            raise CacheConfigError(f"{key}={lib!r}: expected a JSON object {{name: prompt}}, got "
-                                   f"{type(entries).__name__}")
-        for name, v in entries.items():
-            text = v.get("prompt") if isinstance(v, dict) else v
-            if not isinstance(text, str) or not text.strip():
-                raise CacheConfigError(f"{key}={lib!r}: entry {name!r} has no prompt text (expected a non-empty "
-                                       "string or {\"prompt\": ...})")
-            out[f"library/{name}"] = text
+            out.update({f"library/{name}": text for name, text in prompt_library(lib, key).items()})
+        except ValidationConfigError as e:
+            raise CacheConfigError(str(e)) from None
     elif lib is True or (isinstance(lib, str) and lib.lower() == "true"):
         notes.append({"dataset": "-", "key": "validation_prompt_library",
                       "note": "SimpleTuner's built-in prompt library is not shipped; give a JSON file of prompts"})

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import yaml
 
-from wanjax.model_source import resolve_model
+from wanjax.model_source import resolve_model, two_experts
 
 logger = logging.getLogger(__name__)
 
@@ -294,10 +294,9 @@ def _two_expert_base(config, source) -> bool:
         return True
     index = Path(source.pipeline) / "model_index.json"
     try:
-        spec = json.loads(index.read_text()) if index.is_file() else {}
+        return two_experts(json.loads(index.read_text())) if index.is_file() else False
     except (OSError, ValueError):
         return False
-    return spec.get("boundary_ratio") is not None and (spec.get("transformer_2") or [None])[0] is not None
 
 
 def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:

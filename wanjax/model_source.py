@@ -43,6 +43,12 @@ def looks_like_repo_id(path) -> bool:
     return _HUB_ID.fullmatch(str(path)) is not None and not os.path.exists(path)
 
 
+def two_experts(model_index: dict) -> bool:
+    """Whether a pipeline's model_index.json describes Wan 2.2 A14B's two experts: a transformer_2 and the
+    boundary_ratio at which sampling switches to it."""
+    return model_index.get("boundary_ratio") is not None and (model_index.get("transformer_2") or [None])[0] is not None
+
+
 @dataclass(frozen=True)
 class ModelSource:
     pipeline: str  # diffusers pipeline folder or hub id: vae/, text_encoder/, tokenizer/, scheduler/

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wanjax import schedulers
-from wanjax.model_source import looks_like_repo_id
+from wanjax.model_source import looks_like_repo_id, two_experts
 from wanjax.models.config import WanConfig
 from wanjax.models.transformer import transformer_forward
 
@@ -345,7 +345,7 @@ def _run(args: argparse.Namespace) -> int:
     check_video_size(height, width, frames, temporal=vae_config.temporal_factor,
                      multiple=vae_config.spatial_factor * tr_cfg.patch_size[1])
     boundary_ratio = index.get("boundary_ratio")
-    two = boundary_ratio is not None and (index.get("transformer_2") or [None])[0] is not None
+    two = two_experts(index)
     if args.guidance_scale_2 is not None and not two:
         raise UsageError("--guidance_scale_2 needs a two-expert pipeline (model_index.json boundary_ratio + "
                          "transformer_2)")

@@ -218,10 +218,12 @@ def resolve(config) -> Resolved:
 def _check_layout(config, mesh, model, manifest, method: str) -> None:
     """The batch, the heads and every cached clip's tokens against the mesh, before the base loads: each would
     otherwise fail at its first traced step (a bucket first drawn hours in fails again on every resume)."""
+    from wanjax.sharding import attention_specs
+
     dp, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
     if config.train_batch_size % dp:
-        raise ConfigError(f"train_batch_size={config.train_batch_size} (the global batch of an optimizer step) must be "
-                          f"divisible by data x fsdp = {dp}")
+        raise ConfigError(f"train_batch_size={config.train_batch_size} (the global batch of one forward/backward) must "
+                          f"be divisible by data x fsdp = {dp}")
     if config.train_batch_size % procs:
         raise ConfigError(f"train_batch_size={config.train_batch_size} must be divisible by {procs} processes")
     if dp % procs:  # each process loads its own rows, so one batch shard must not span processes
@@ -231,10 +233,10 @@ def _check_layout(config, mesh, model, manifest, method: str) -> None:
     c = mesh.shape["context"]
     if c == 1:
         return
-    t = mesh.shape["tensor"] if model.num_attention_heads % mesh.shape["tensor"] == 0 else 1
-    if model.num_attention_heads % (c * t):
-        raise ConfigError(f"mesh.context={c}: num_attention_heads={model.num_attention_heads} must be divisible by "
-                          f"context" + (f" x tensor = {c * t}" if t > 1 else f" = {c}") + " (heads are split over it)")
+    try:  # the heads as the attention kernel splits them (its own check, run here before the base loads)
+        attention_specs(mesh, (dp, c, model.num_attention_heads, model.attention_head_dim), self_attention=True)
+    except ValueError as e:
+        raise ConfigError(f"mesh.context={c}: {e}") from None
     frames = None
     if method == "dmd" and config.distillation_config.num_training_frames:
         frames = int(config.distillation_config.num_training_frames)  # DMD cuts latents to this many frames

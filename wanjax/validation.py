@@ -105,12 +105,17 @@ def _safe_name(name: str) -> str:
     return _truncate_utf8(safe, NAME_MAX_BYTES).strip("_") or "prompt"
 
 
+def video_key(name: str, ema: bool, size: tuple[int, int], sizes) -> str:
+    """A validation video's key, its file name after the `step_<N>_` prefix: the prompt's name, `_ema` for the EMA
+    weights, `_<W>x<H>` when `sizes` lists several."""
+    return name + ("_ema" if ema else "") + (f"_{size[0]}x{size[1]}" if len(sizes) > 1 else "")
+
+
 def _video_keys(name: str, ema: str, sizes) -> set[str]:
-    """The `Validator.run` video keys (file names after the step prefix) of prompt `name`, casefolded: two keys
-    equal here would be one file on a case-insensitive file system."""
-    variants = ("",) if ema == "none" else ("", "_ema")  # "ema_only" without EMA weights renders the trained ones
-    size_parts = ("",) if len(sizes) <= 1 else tuple(f"_{w}x{h}" for w, h in sizes)
-    return {(name + e + z).casefold() for e in variants for z in size_parts}
+    """The `Validator.run` video keys of prompt `name` (`video_key`), casefolded: two keys equal here would be one
+    file on a case-insensitive file system."""
+    variants = (False,) if ema == "none" else (False, True)  # "ema_only" without EMA weights renders the trained ones
+    return {video_key(name, e, size, sizes).casefold() for e in variants for size in (sizes or [(0, 0)])}
 
 
 def _tag(text: str) -> str:
@@ -172,18 +177,23 @@ def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-def prompt_library(path: str) -> dict[str, str]:
+def prompt_library(path: str, key: str = "validation_prompt_library") -> dict[str, str]:
+    """A prompt library file {nickname: prompt or {"prompt": ...}} (UTF-8, a BOM ignored) as nickname -> text, for
+    validation and the caching job; ValidationConfigError naming `key` and the file when it is unreadable, not a
+    JSON object, names a nickname twice, or has an entry without prompt text."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
-    except (OSError, ValueError) as e:
-        raise ValidationConfigError(f"validation_prompt_library={path!r}: unreadable ({e})") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValidationConfigError(f"{key}={path!r}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
-        raise ValidationConfigError(f"validation_prompt_library={path!r}: expected an object {{nickname: prompt}}")
+        raise ValidationConfigError(f"{key}={path!r}: expected a JSON object {{name: prompt}}, got "
+                                    f"{type(data).__name__}")
     out = {}
     for name, v in data.items():
         text = v.get("prompt") if isinstance(v, dict) else v
         if not isinstance(text, str) or not text.strip():
-            raise ValidationConfigError(f"validation_prompt_library={path!r}: entry {name!r} has no prompt text")
+            raise ValidationConfigError(f"{key}={path!r}: entry {name!r} has no prompt text (expected a non-empty "
+                                        "string or {\"prompt\": ...})")
         out[str(name)] = text
     return out
 
@@ -247,15 +257,14 @@ def settings_from_config(config) -> ValidationSettings | None:
 
 
 def mesh_context_size(config) -> int:
-    """The `context` axis size `make_mesh(**config.mesh)` will give (-1: the devices the other axes leave); 1
-    without a mesh or when the sizes do not fit the devices (make_mesh refuses those itself)."""
-    mesh = dict(config.get("mesh") or {})
-    context = int(mesh.get("context", 1))
-    if context != -1:
-        return max(context, 1)
-    others = math.prod(int(mesh.get(a, 1)) for a in ("data", "fsdp", "tensor"))
-    n = jax.device_count()
-    return n // others if others > 0 and n % others == 0 else 1
+    """The `context` axis size of the trainer's mesh, `make_mesh(**config.mesh)` (-1: the devices the other axes
+    leave); 1 when the sizes do not fit the devices (the trainer refuses those itself)."""
+    from wanjax.sharding import make_mesh
+
+    try:
+        return int(make_mesh(**dict(config.get("mesh") or {})).shape["context"])
+    except ValueError:
+        return 1
 
 
 def check_video_size(settings: ValidationSettings, vae_config, patch_size=(1, 2, 2)) -> None:
@@ -416,11 +425,11 @@ class Validator:
                     key = jax.random.fold_in(jax.random.key(self.s.seed + 1), i)
                     latents = method.sample(state, ema, noise, self.cond[i : i + 1], self.uncond, key, self)
                     frames = video_out.to_uint8_frames(vae_decode(self.vae_config, self.vae_params, latents))[0]
-                    video_key = name + ("_ema" if ema else "") + (f"_{w}x{h}" if len(self.s.sizes) > 1 else "")
-                    path = self.dir / f"step_{step:06d}_{video_key}.mp4"
+                    vkey = video_key(name, ema, (w, h), self.s.sizes)
+                    path = self.dir / f"step_{step:06d}_{vkey}.mp4"
                     if jax.process_index() == 0:
                         video_out.write_mp4(path, frames, fps=self.fps)
-                    videos.append(Video(video_key, prompt, path))
+                    videos.append(Video(vkey, prompt, path))
         self.videos = videos
         if jax.process_index() == 0 and videos:
             with open(self.dir / "videos.jsonl", "a") as f:  # one line per round: step -> files

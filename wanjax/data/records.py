@@ -30,8 +30,8 @@ they were given (float32 / float16 / bfloat16 ...), so reads are bit-exact.
 Active records: the caching job keeps records of items that left the dataset list (a dataset disabled or removed, a
 file deleted, an item outside `max_num_samples`) on disk but marks them inactive, so they are not trained on and
 listing them again needs no re-encoding, only a new manifest. An item re-encoded after its media file or caption
-changed has several records under one key; only the newest is active. `bucket_members` (the epoch plan) uses active records
-only; `CacheSource` still reads any record by its global index.
+changed has several records under one key; only the newest is active. `bucket_members` (the epoch plan) uses active
+records only; `CacheSource` still reads any record by its global index.
 """
 
 from __future__ import annotations
