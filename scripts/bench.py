@@ -43,7 +43,8 @@ FLOPs (analytic, per sample; S video tokens, L text tokens, D width, F FFN width
   forward      = layers x per block + outside
   a train pass = 3 forwards (backward = 2 x forward, the usual convention) + the blocks' forward again with
                  remat "full"/"offload", but for each FFN's output product (the block's output is kept) ("dots":
-                 + the attention-core FLOPs only; "attention": + all but them)
+                 + the attention-core FLOPs only; "attention": + all but them; "projections": + the FFN
+                 up-projections; "matmuls": + nothing)
   frozen base  the LoRA step's `frozen_base_flops` / `mfu_frozen_base`: forward + the backward a LoRA step cannot do
                  without: no weight gradient of the frozen base (its layers' input gradients only, none for the
                  text K / V and the embeddings), the attention cores' 4 backward products, the adapters' gradients;
@@ -164,7 +165,10 @@ def train_pass(model, tokens, text_len, rank, targets) -> tuple[float, float, fl
     last = 2 * S * F * D + (2 * S * rank * D if "ffn.net.2" in targets else 0)
     blocks = model.num_layers * (block_flops(model, tokens, text_len, rank, targets) - last)
     core = attention_core_flops(model, tokens, text_len)
-    extra = {"full": blocks, "offload": blocks, "dots": core, "attention": blocks - core}.get(model.remat_policy, 0.0)
+    # "projections": each block's FFN up-projection (with its adapter's B: x A is kept); "matmuls": nothing
+    up = model.num_layers * 2 * S * D * F * (1 + (rank / D if "ffn.net.0.proj" in targets else 0))
+    extra = {"full": blocks, "offload": blocks, "dots": core, "attention": blocks - core,
+             "projections": up}.get(model.remat_policy, 0.0)
     return 3 * fwd + extra, 3 * fwd, fwd + frozen_base_backward_flops(model, tokens, text_len, rank, targets)
 
 
@@ -560,7 +564,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None,
                     help="timed calls per benchmark, median reported (default: 5; 3 for the small / tiny models)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
-    ap.add_argument("--remat", default="full", help="remat policy: none | full | dots | offload | attention")
+    ap.add_argument("--remat", default="full", help="remat policy: none | full | dots | offload | attention | projections | matmuls")
     ap.add_argument("--attention", default="auto", help="attention kernel: auto | xla | cpu | cudnn | splash")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="base weights / activations (default: bfloat16 on GPU/TPU, float32 on CPU)")

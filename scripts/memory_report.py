@@ -273,7 +273,9 @@ def analytic(model, method: str, *, tokens: int, batch: int, text_len: int, act_
       forward-only pass (rollouts, teacher / critic scores, CFG at batch 2) ~ (4 S D + 2 S F) elements
     Saved across blocks: remat "full" (and "offload", on the device) the block inputs (L_blocks x S D); "dots" the
     matmul outputs (L_blocks x (7 S D + S F)); "attention" the block inputs and, per attention call (self and
-    cross), its output and softmax statistics (L_blocks x (3 S D + 2 heads x S float32)); "none" every block's
+    cross), its output and softmax statistics (L_blocks x (3 S D + 2 heads x S float32)); "projections" those and
+    the attention layers' linear outputs (self q, k, v, out; cross q, out; the text k, v: L_blocks x (9 S D + 2 L D
+    + 2 heads x S float32)); "matmuls" the FFN's hidden activation too (+ L_blocks x S F); "none" every block's
     residuals.
     activations = saved + max(one block's residuals + backward transients, forward-only pass at `PASSES` x batch)
     weights: base + trainable state per device (exact, from the shardings); with fsdp > 1 two gathered blocks of
@@ -289,6 +291,8 @@ def analytic(model, method: str, *, tokens: int, batch: int, text_len: int, act_
     saved = {"full": nl * batch * S * D * act_bytes, "offload": nl * batch * S * D * act_bytes,
              "dots": nl * batch * (7 * S * D + S * F) * act_bytes,
              "attention": nl * batch * (3 * S * D * act_bytes + 2 * H * S * 4),
+             "projections": nl * batch * ((9 * S * D + 2 * text_len * D) * act_bytes + 2 * H * S * 4),
+             "matmuls": nl * batch * ((9 * S * D + S * F + 2 * text_len * D) * act_bytes + 2 * H * S * 4),
              "none": nl * residual}[remat]
     activations = saved + max(residual + backward, forward_only)
     gathered = 0 if fsdp == 1 else 2 * block_bytes
@@ -387,7 +391,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="per device (global = batch x devices)")
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=0, help="LoRA rank (0: the method config's: lora 16, dmd/dcm 128)")
-    ap.add_argument("--remat", default="full", help="remat policy of the blocks: none | full | dots | offload ...")
+    ap.add_argument("--remat", default="full", help="remat policy of the blocks: none | full | dots | offload | attention | projections | matmuls")
     ap.add_argument("--attention", choices=["auto", "xla", "chunked", "model"], default="auto",
                     help="auto: the model's kernel on GPU/TPU, the chunked flash stand-in on CPU")
     ap.add_argument("--base-dtype", choices=["bfloat16", "float32"], default="bfloat16")

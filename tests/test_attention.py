@@ -300,6 +300,31 @@ def test_remat_dots_recomputes_no_linear_layer_product():
     assert plain["dots"] == plain["none"] < plain["full"], plain
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "xla"])
+def test_remat_matmuls_and_projections_recompute_only_what_they_say(monkeypatch, kernel):
+    """"matmuls" saves every linear layer's output (and each attention kernel's outputs): its gradient jaxpr has
+    exactly the products of no remat's and the same softmax exps (the attention core is not run again);
+    "projections" has one product more per (scanned) block, the FFN's up-projection it recomputes. Under the `xla`
+    kernel (nothing of it saved) both re-run the attention core: the 2 attention calls' score products. Gradients are
+    no remat's. The norms' row sums are taken as the reductions GPU/TPU run (on CPU they are dots, which the
+    recomputed norms would add)."""
+    from wanjax.models import transformer
+
+    monkeypatch.setattr(transformer, "_row_sum", transformer.row_sum_plain)
+    value_and_grad, params, x = _tiny_model_value_and_grad(kernel)
+    policies = ("none", "matmuls", "projections")
+    plain = {p: _count_in_jaxpr(value_and_grad(p), (params, x), _plain_dots) for p in policies}
+    assert plain["matmuls"] == plain["none"] and plain["projections"] == plain["none"] + 1, plain
+    exps = {p: _count_in_jaxpr(value_and_grad(p), (params, x), _exp_eqns) for p in policies}
+    rerun = 0 if kernel == "cpu" else 2
+    assert exps["matmuls"] == exps["projections"] == exps["none"] + rerun, exps
+    want = jax.tree_util.tree_leaves(jax.jit(value_and_grad("none"))(params, x))
+    for policy in ("matmuls", "projections"):
+        got = jax.tree_util.tree_leaves(jax.jit(value_and_grad(policy))(params, x))
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def _remat_block(kernel):
     """A block-like function (projections, attention, a nonlinearity) for jax.checkpoint with a policy."""
     def block(w, x):

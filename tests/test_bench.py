@@ -166,6 +166,8 @@ def test_dot_flops_counts_scan_iterations_and_refuses_what_it_cannot_count():
 
 @pytest.mark.parametrize("remat, targets", [("none", "to_q,to_k,to_v,to_out.0"), ("full", "to_q,to_k,to_v,to_out.0"),
                                             ("attention", "to_q,to_k,to_v,to_out.0"),
+                                            ("projections", "attn1.to_q,attn2.to_v,ffn.net.0.proj,ffn.net.2"),
+                                            ("matmuls", "to_q,to_k,to_v,to_out.0"),
                                             ("full", "attn1.to_q,attn2.to_v,ffn.net.0.proj,ffn.net.2")])
 def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat, targets):
     """bench's FLOP formulas (behind its TFLOP/s and MFU) against the products in the jaxprs it times: the forward
@@ -213,7 +215,10 @@ def test_analytic_flops_are_the_products_the_step_runs(monkeypatch, remat, targe
     # kept), and under "attention" but the attention cores (their outputs and statistics are kept)
     last = 2 * S * F * D + (2 * S * rank * D if "ffn.net.2" in targets else 0)  # with its adapter's B product
     blocks = model.num_layers * (bench.block_flops(model, S, L, rank, targets) - last)
-    again = {"none": 0, "full": blocks, "attention": blocks - bench.attention_core_flops(model, S, L)}[remat]
+    # "projections": each block's FFN up-projection, and its adapter's B product where it has one ((x A) is kept)
+    up = model.num_layers * (2 * S * D * F + (2 * S * rank * F if "ffn.net.0.proj" in targets else 0))
+    again = {"none": 0, "full": blocks, "attention": blocks - bench.attention_core_flops(model, S, L),
+             "projections": up, "matmuls": 0}[remat]
     assert step == frozen + scores + again
     assert executed == conventional + again and frozen < conventional
 

@@ -37,7 +37,7 @@ def test_compiles_once_per_shape():
     assert len(traces) == 2
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "attention"])
+@pytest.mark.parametrize("policy", ["full", "dots", "attention", "projections", "matmuls"])
 def test_remat_same_values_and_grads(policy):
     base = wanjax.WanConfig.from_diffusers(ref.T2V)
     params = wanjax.init_params(base, jax.random.key(1))

@@ -1,8 +1,8 @@
 """The Wan transformer's architecture config: diffusers' `WanTransformer3DModel` config.json, typed.
 
 Field names and defaults are diffusers' own so a `config.json` maps one to one. Two runtime options
-(`attention`: auto | xla | cpu | cudnn | splash, `remat_policy`: none | full | dots | offload | attention) are
-wanjax's and never written to a diffusers config.
+(`attention`: auto | xla | cpu | cudnn | splash, `remat_policy`: none | full | dots | offload | attention |
+projections | matmuls) are wanjax's and never written to a diffusers config.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ _IGNORED_LEGACY = {"window_size", "add_img_emb", "model_type"}
 # GPU/TPU, and XLA:CPU where the copies are no-ops). "dots" and "offload" still re-run the attention kernels (their
 # softmax statistics are not saved); "attention" saves each attention kernel's output and softmax statistics
 # (`attention.saves_attention_kernels`; not for the `xla` kernel) and recomputes the rest: the attention core,
-# most of a long clip's forward FLOPs, is not run twice, for ~2 S D activations per block.
-REMAT_POLICIES = ("none", "full", "dots", "offload", "attention")
+# most of a long clip's forward FLOPs, is not run twice, for ~2 S D activations per block. "projections" also saves
+# the attention layers' linear outputs (q, k, v, out; ~6 S D more) and recomputes the FFN's up-projection;
+# "matmuls" saves the FFN's hidden activation too (S F more) and recomputes no product at all, only elementwise ops
+# (norms, RoPE, GELU, modulation), whose float32 temporaries "none" keeps and "dots" keeps as float32 products.
+REMAT_POLICIES = ("none", "full", "dots", "offload", "attention", "projections", "matmuls")
 RUNTIME_FIELDS = frozenset({"attention", "remat_policy"})
 
 

@@ -9,7 +9,7 @@ Token layout inside is channels-last (B, S, D), frame-major then h then w; the p
 (B, C, F, H, W).
 
 Runtime options (WanConfig): `attention` picks the kernel (wanjax.models.attention); `remat_policy` none | full |
-dots | offload | attention. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context`
+dots | offload | attention | projections | matmuls. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context`
 axis > 1 the tokens are split over it after patchify (`constrain_tokens`) and self-attention goes through head
 all-to-alls.
 """
@@ -108,7 +108,7 @@ class Dense(nn.Module):
         if self.has_variable("lora", "A"):
             a = self.get_variable("lora", "A").astype(x.dtype)
             b = self.get_variable("lora", "B").astype(x.dtype)
-            low = dot_f32(x, a).astype(x.dtype)
+            low = checkpoint_name(dot_f32(x, a).astype(x.dtype), "lora_down")
             y = y + dot_f32(low, b)
             if self.has_variable("lora", "bias"):
                 y = y + self.get_variable("lora", "bias").astype(F32)
@@ -247,8 +247,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.activation(Dense(self.hidden, self.cast_input, name=self.names[0])(x))
-        return Dense(self.out, name=self.names[1])(h)
+        h = self.activation(checkpoint_name(Dense(self.hidden, self.cast_input, name=self.names[0])(x), "mlp_hidden"))
+        return checkpoint_name(Dense(self.out, name=self.names[1])(h), "mlp_out")
 
 
 LINEAR_12 = ("linear_1", "linear_2")
@@ -356,9 +356,9 @@ class Attention(nn.Module):
         def split_heads(t):
             return t.reshape(*t.shape[:-1], heads, cfg.attention_head_dim)
 
-        q = RMSNorm(cfg.eps, name="norm_q")(Dense(dim, name="to_q")(x))
-        k = RMSNorm(cfg.eps, name="norm_k")(Dense(dim, name="to_k")(kv_in))
-        v = Dense(dim, name="to_v")(kv_in)
+        q = RMSNorm(cfg.eps, name="norm_q")(checkpoint_name(Dense(dim, name="to_q")(x), "q_linear"))
+        k = RMSNorm(cfg.eps, name="norm_k")(checkpoint_name(Dense(dim, name="to_k")(kv_in), "k_linear"))
+        v = checkpoint_name(Dense(dim, name="to_v")(kv_in), "v_linear")
         q, k, v = split_heads(q), split_heads(k), split_heads(v)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -372,7 +372,7 @@ class Attention(nn.Module):
             v_img = split_heads(Dense(dim, name="add_v_proj")(image_context))
             out = out + dot_product_attention(q, k_img, v_img, impl=cfg.attention)
         out = checkpoint_name(out.reshape(*out.shape[:-2], dim), "attention_out")
-        return Dense(dim, name="to_out")(out)
+        return checkpoint_name(Dense(dim, name="to_out")(out), "out_linear")
 
 
 class WanBlock(nn.Module):
@@ -418,10 +418,31 @@ def _scaled_normal(dim: int):
 
 # `checkpoint_name` tags in `Attention` that the "offload" policy moves to host memory between forward and backward.
 OFFLOADED_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out")
+# The linear layers' outputs in the activation dtype (the inputs of the norms, RoPE, activation and residual adds
+# that follow them), and each adapter's rank-r (x A): with these and the attention kernels' outputs saved, a block's
+# backward recomputes only elementwise ops, no product. "projections" leaves out the FFN's hidden activation (the
+# widest tensor, ffn_dim per token) and recomputes its up-projection instead. (A policy saves only what the backward
+# reads: the FFN's output, "mlp_out", only where the modulation table is trained, for its gate's gradient.)
+PROJECTION_NAMES = ("q_linear", "k_linear", "v_linear", "out_linear", "mlp_out", "lora_down")
+MATMUL_NAMES = (*PROJECTION_NAMES, "mlp_hidden")
+
+
+def _saves_kernels_and(names: tuple[str, ...]):
+    """Remat policy: the attention kernels' outputs (`saves_attention_kernels`) and the `checkpoint_name`s `names`."""
+    def policy(prim, *args, **params) -> bool:
+        if prim.name == "name" and params.get("name") in names:
+            return True
+        return saves_attention_kernels(prim, *args, **params)
+
+    return policy
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "attention": saves_attention_kernels,
+    "projections": _saves_kernels_and(PROJECTION_NAMES),
+    "matmuls": _saves_kernels_and(MATMUL_NAMES),
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED_NAMES),
         offload_src="device", offload_dst="pinned_host",
