@@ -120,6 +120,30 @@ def test_gpu_targets_refuses_unknown_part(tmp_path):
     assert usage.returncode != 0 and "usage" in usage.stderr
 
 
+def test_bench_attention_measures_a_kernel_against_float32(capsys):
+    """scripts/bench_attention.py on CPU (XLA's attention, float32 and bf16 operands): times and TFLOP/s of forward
+    and forward + backward, and the errors of the output and of dq / dk / dv against its float32 reference, which
+    are float32-small for float32 operands and bf16-sized for bf16 ones (so the comparison sees the operands'
+    rounding); an unknown kernel is refused by name."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_attention
+
+    errs = {}
+    for dtype in ("float32", "bfloat16"):
+        assert bench_attention.main(["--seq", "200", "--heads", "2", "--head-dim", "32", "--impls", "xla",
+                                     "--dtype", dtype, "--steps", "1", "--check-queries", "64"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        xla = report["kernels"]["xla"]
+        assert report["shape_bshd"] == [1, 200, 2, 32] and xla["seq"] == 200
+        assert xla["forward"]["time_s"] > 0 and xla["forward_backward"]["tflops"] > 0
+        errs[dtype] = xla["error_vs_float32"]
+    assert errs["float32"]["queries"] == 64
+    assert max(v for k, v in errs["float32"].items() if k != "queries") < 1e-5, errs
+    assert all(1e-4 < errs["bfloat16"][k] < 3e-2 for k in ("out", "dq", "dk", "dv")), errs
+    with pytest.raises(SystemExit, match="unknown kernel 'flash'"):
+        bench_attention.main(["--seq", "64", "--impls", "flash"])
+
+
 def _rows(out: str) -> dict:
     rows = [json.loads(line) for line in out.splitlines() if line.strip()]
     for r in rows:
