@@ -304,6 +304,28 @@ def test_unknown_config_key_refused(assets, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_other_methods_distillation_option_refused(assets, tmp_path, capsys):
+    """A distillation_config option only another method reads, set on the command line, would do nothing: refused
+    by name with the method that reads it, before anything is written (LoRA: every method's option; the method's
+    own options pass). The key lists are configs/common.py's."""
+    spec = importlib.util.spec_from_file_location("cfg_common", ROOT / "configs" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    from wanjax.methods import dcm, dmd
+    from wanjax.train import foreign_distillation_options
+
+    assert dmd.OPTIONS == set(common.dmd_options()) and dcm.OPTIONS == set(common.dcm_options())
+    rc = main(["train", *cli_args(assets, tmp_path / "x"), "--config.distillation_config.multiphase=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--config.distillation_config.multiphase=2" not in err
+    assert "--config.distillation_config.multiphase is a DCM option, but distillation_method=None" in err
+    assert not (tmp_path / "x").exists()
+    keys = ["learning_rate", "distillation_config.fake_score_lr"]
+    assert foreign_distillation_options("dmd", keys) is None
+    assert "a DMD option, but distillation_method='dcm'" in foreign_distillation_options("dcm", keys)
+    assert foreign_distillation_options("dcm", ["distillation_config.multiphase", "mesh.fsdp"]) is None
+
+
 def test_help_prints_usage(capsys):
     """--help (or -h) prints the usage and exits 0 (absl used to call it an unknown flag); the caching CLI too."""
     from wanjax import cache

@@ -50,6 +50,11 @@ def parse(argv: list[str] | None, *, dry_run_flag: bool = False, prog: str = "wa
     return fv.config, bool(dry_run_flag and fv.dry_run)
 
 
+def overridden_keys(argv: list[str]) -> list[str]:
+    """The dotted config keys the command line sets (`--config.a.b=v`, `--config.a.b v`), in order."""
+    return [m.group(1) for a in argv[1:] if (m := re.match(r"--config\.([\w.]+)", a))]
+
+
 def explain_flag_error(e: Exception) -> str:
     if isinstance(e, (AttributeError, KeyError)):
         text = str(e)

@@ -520,13 +520,35 @@ def _write_config(config, output_dir: Path, extra: dict | None = None) -> None:
 # =========================================================================================================
 # Command line
 # =========================================================================================================
+def foreign_distillation_options(method: str | None, keys: list[str]) -> str | None:
+    """Why command-line keys `keys` (dotted) are refused: a distillation_config option that only another method
+    than `method` (None: LoRA flow matching) reads would have no effect. None when there is none."""
+    from wanjax.methods import dcm, dmd
+
+    readers = {"dmd": dmd.OPTIONS, "dcm": dcm.OPTIONS}
+    for key in keys:
+        section, _, name = key.partition(".")
+        name = name.split(".")[0]
+        if section != "distillation_config" or not name or name in readers.get(method or "lora", ()):
+            continue
+        owner = next((m for m, names in readers.items() if name in names), None)
+        if owner is not None:
+            return (f"--config.{key} is a {owner.upper()} option, but distillation_method={method!r}: it would have "
+                    f"no effect (set distillation_method={owner!r}, or leave it out)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from wanjax import cli
 
+    argv = list(sys.argv if argv is None else argv)
     parsed = cli.parse(argv, dry_run_flag=True)
     if isinstance(parsed, int):
         return parsed
     config, dry_run = parsed
+    if (why := foreign_distillation_options(config.distillation_method, cli.overridden_keys(argv))) is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     if dry_run:
         print(config.to_json_best_effort(indent=2, sort_keys=True))
         return 0

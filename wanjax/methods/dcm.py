@@ -18,6 +18,15 @@ from wanjax.models.transformer import transformer_forward
 
 logger = logging.getLogger(__name__)
 
+# The distillation_config keys DCM reads (configs/common.py `dcm_options` gives their defaults; tested equal).
+OPTIONS = frozenset({
+    "mode", "euler_steps", "euler_timesteps", "dcm_shift", "multiphase", "distill_cfg", "adv_weight", "model_family",
+    "discriminator_head_stride", "discriminator_total_layers", "discriminator_width", "discriminator_lr",
+    "discriminator_betas", "discriminator_eps", "discriminator_weight_decay", "discriminator_grad_clip",
+    "adv_sigma_range", "pseudo_huber_c", "temporal_loss_weight", "temporal_frame_stride", "target_model",
+    "ema_target_decay", "dual_experts", "expert_boundary",
+})
+
 
 def euler_steps(d) -> int:
     """E from `euler_steps` (SimpleTuner's docs) or `euler_timesteps` (its code); both set must agree."""

@@ -18,6 +18,15 @@ from wanjax.models.transformer import transformer_forward
 
 logger = logging.getLogger(__name__)
 
+# The distillation_config keys DMD reads (configs/common.py `dmd_options` gives their defaults; tested equal).
+OPTIONS = frozenset({
+    "dmd_denoising_steps", "min_timestep_ratio", "max_timestep_ratio", "generator_update_interval",
+    "real_score_guidance_scale", "fake_score_guidance_scale", "fake_score_lr", "fake_score_betas", "fake_score_eps",
+    "fake_score_weight_decay", "fake_score_grad_clip", "min_score_timestep", "timestep_shift", "ts_schedule",
+    "ts_schedule_max", "last_step_only", "num_training_frames", "flow_matching_weight", "num_frame_per_block",
+    "independent_first_frame", "same_step_across_blocks", "context_noise",
+})
+
 # Self-Forcing options: a bidirectional Wan student rolls the whole clip out at once.
 NO_EFFECT = {
     "num_frame_per_block": "block-causal (Self-Forcing) rollout; the Wan student is bidirectional and denoises "
