@@ -293,6 +293,62 @@ def test_dcm_card_sigmas_drop_trailing_zero_and_dual_expert_note():
     assert "semantic, semantic, detail, detail" in text
 
 
+def test_dcm_dual_expert_card_switches_the_loras_per_step(tmp_path):
+    """The DCM dual-expert card's snippet, run on a tiny pipeline: it loads both LoRAs (the detail one from
+    detail_expert_lora_weights.safetensors) and each student step runs with the adapter the run's meta names for
+    it (without `experts` in the meta: the trainer's rule, detail from sigma <= switch_sigma)."""
+    import diffusers
+    import jax
+    import numpy as np
+    import torch
+
+    import reference as ref
+    import wanjax
+
+    cfg = ref.T2V
+    base = tmp_path / "pipe"
+    diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+                          transformer=ref.make_model(cfg, seed=0)).save_pretrained(base)
+    config, _ = wanjax.load_transformer(base, subfolder="transformer")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for seed, name in ((0, "pytorch_lora_weights.safetensors"), (1, hub.DETAIL_LORA_FILE)):
+        wanjax.save_lora(wanjax.init_lora(config, jax.random.key(seed), rank=2, alpha=2.0), repo / name)
+    sig = [1.0, 0.98, 0.94, 0.85, 0.0]
+    for student, want in (({"experts": ["semantic", "detail", "detail", "semantic"]},
+                           ["semantic", "detail", "detail", "semantic"]),
+                          ({"switch_sigma": 0.94}, ["semantic", "semantic", "detail", "detail"])):
+        meta = {"method": "dcm", "student": {"sigmas": sig, **student}}
+        text = hub.card_from_config(_dcm_config(), repo_id="user/wan-dcm", steps=1, meta=meta)
+        code = text.split("```python\n", 1)[1].split("```", 1)[0]
+        assert f"weight_name={hub.DETAIL_LORA_FILE!r}, adapter_name='detail'" in code
+        assert "callback_on_step_end=switch_expert" in code and "The snippet below loads both" in text
+        base_id = code.split("WanPipeline.from_pretrained(", 1)[1].split(",", 1)[0]
+        code = (code.replace(base_id, repr(str(base))).replace("'user/wan-dcm'", repr(str(repo)))
+                .replace("pipe.to('cuda')", "pipe.to('cpu')").replace("torch.bfloat16", "torch.float32")
+                .replace("torch_dtype=torch.float32)", "torch_dtype=torch.float32, vae=None, text_encoder=None, "
+                                                        "tokenizer=None)", 1)
+                .replace("prompt=", "prompt_embeds=EMB, negative_prompt=")
+                .replace("num_inference_steps=4", "height=32, width=48, num_frames=9, output_type='latent', "
+                                                  "num_inference_steps=4")
+                .replace(".frames[0]", ".frames").split("export_to_video(video")[0])
+        seen = []
+        orig = diffusers.WanTransformer3DModel.forward
+
+        def fwd(self, hidden_states, timestep, *a, **k):
+            seen.append(list(self.active_adapters()))
+            return orig(self, hidden_states, timestep, *a, **k)
+
+        emb = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 7, cfg["text_dim"]), dtype=np.float32))
+        try:
+            diffusers.WanTransformer3DModel.forward = fwd
+            exec(code, {"EMB": emb})
+        finally:
+            diffusers.WanTransformer3DModel.forward = orig
+        assert seen == [[w] for w in want], (student, seen)
+
+
 def test_card_without_namespace_uses_placeholder():
     text = hub.card_from_config(_dcm_config(), repo_id="wan-dcm", steps=1, meta={"method": "dcm"})
     code = text.split("```python\n", 1)[1].split("```", 1)[0]

@@ -79,8 +79,11 @@ def step_sigmas(sigmas) -> list[float]:
     return s
 
 
+DETAIL_LORA_FILE = "detail_expert_lora_weights.safetensors"  # DCM dual experts' second export (methods/dcm.py)
+
+
 def _usage(*, base_model: str, method: str, repo_id: str, lora: bool, prompt: str, sampling: dict,
-           transformer: str, single_expert: bool = False) -> str:
+           transformer: str, single_expert: bool = False, experts: list[str] | None = None) -> str:
     i2v = "i2v" in base_model.lower() and "ti2v" not in base_model.lower()
     pipeline = "WanImageToVideoPipeline" if i2v else "WanPipeline"
     fps = 24 if "ti2v" in base_model.lower() else 16
@@ -104,11 +107,11 @@ def _usage(*, base_model: str, method: str, repo_id: str, lora: bool, prompt: st
                       f"pipe = {pipeline}.from_pretrained({base_model!r}, transformer=transformer, {kw})"]
         else:
             lines.append(f"pipe = {pipeline}.from_pretrained({base_model!r}, {kw})")
-        lines.append(f"pipe.load_lora_weights({repo_id!r})")
+        lines += _lora_loads(repo_id, "", experts)
     elif lora:
         extra = ", load_into_transformer_2=True" if transformer == "transformer_2" else ""
         lines += [f"pipe = {pipeline}.from_pretrained({base_model!r}, torch_dtype=torch.bfloat16)",
-                  f"pipe.load_lora_weights({repo_id!r}{extra})"]
+                  *_lora_loads(repo_id, extra, experts)]
     else:
         lines += [f"pipe = {pipeline}.from_pretrained({repo_id!r}, torch_dtype=torch.bfloat16)"]
     if sigmas:
@@ -118,13 +121,31 @@ def _usage(*, base_model: str, method: str, repo_id: str, lora: bool, prompt: st
                   f"        super().set_timesteps(sigmas={[float(s) for s in sigmas]!r}, device=device)", "", "",
                   f"pipe.scheduler = StudentScheduler(shift=1.0, stochastic_sampling={method == 'dmd'})"]
         sampling["num_inference_steps"] = len(sigmas)
+    switch = bool(lora and experts)
+    if switch:
+        # DCM dual experts: one adapter per student step, switched after each step by the pipeline's callback
+        lines += ["", "", f"EXPERTS = {list(experts)!r}  # the LoRA of each student step", "",
+                  "", "def switch_expert(pipe, i, t, callback_kwargs):  # after step i: step i + 1's LoRA",
+                  "    if i + 1 < len(EXPERTS):", "        pipe.set_adapters(EXPERTS[i + 1])", "    return {}", "", "",
+                  "pipe.set_adapters(EXPERTS[0])"]
     lines += ["pipe.to('cuda')", ""]
     args = [f"    prompt={prompt!r},"]
     if i2v:
         args.append("    image=load_image('first_frame.png'),")
     args += [f"    {k}={v!r}," for k, v in sampling.items()]
+    if switch:
+        args.append("    callback_on_step_end=switch_expert,")
     lines += ["video = pipe(", *args, ").frames[0]", f"export_to_video(video, 'output.mp4', fps={fps})"]
     return "\n".join(lines)
+
+
+def _lora_loads(repo_id: str, extra: str, experts: list[str] | None) -> list[str]:
+    """The snippet's load_lora_weights lines: the LoRA, or (DCM dual experts) both, as adapters "semantic" and
+    "detail"."""
+    if not experts:
+        return [f"pipe.load_lora_weights({repo_id!r}{extra})"]
+    return [f"pipe.load_lora_weights({repo_id!r}, adapter_name='semantic'{extra})",
+            f"pipe.load_lora_weights({repo_id!r}, weight_name={DETAIL_LORA_FILE!r}, adapter_name='detail'{extra})"]
 
 
 def model_card(
@@ -139,6 +160,7 @@ def model_card(
     transformer: str = "transformer",
     note: str | None = None,
     single_expert: bool = False,
+    experts: list[str] | None = None,
 ) -> str:
     """README.md text for the hub repo: YAML front matter (base model, tags, widget with the validation videos)
     and a body with the method, the training settings and a diffusers snippet.
@@ -151,6 +173,8 @@ def model_card(
     single_expert: the base has two experts (Wan 2.2 A14B) but the weights are meant to run every step on
       `transformer` (a few-step student): the snippet loads that expert alone (transformer_2=None,
       boundary_ratio=None; the low-noise one from subfolder transformer_2).
+    experts: DCM dual experts, the adapter of each student step ("semantic" | "detail"): the snippet loads both LoRAs
+      (the detail one from DETAIL_LORA_FILE) and switches them per step with callback_on_step_end.
     repo_id without a namespace ("name"): the snippet loads "YOUR_USERNAME/name" and the card says to fill it in."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
@@ -203,7 +227,7 @@ def model_card(
     body += ["", "## Training settings", "", *_settings_lines(settings)]
     prompt = next((v["prompt"] for v in validation if v.get("prompt")), "A cat walks on the grass, realistic style.")
     usage = _usage(base_model=base_model, method=method, repo_id=load_id, lora=lora, prompt=prompt,
-                   sampling=sampling, transformer=transformer, single_expert=single_expert)
+                   sampling=sampling, transformer=transformer, single_expert=single_expert, experts=experts)
     body += ["", "## Inference", "", "```python", usage, "```", ""]
     return f"---\n{header}---\n\n" + "\n".join(body)
 
@@ -273,17 +297,23 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
     if method in ("dmd", "dcm") and student.get("sigmas"):
         sampling["sigmas"] = step_sigmas(student["sigmas"])
     note = config.get("model_card_note")
+    experts = None
     if method == "dcm" and d.get("dual_experts"):
         experts = student.get("experts")
+        sigmas, switch = step_sigmas(student.get("sigmas") or []), student.get("switch_sigma")
+        if not experts and sigmas and switch is not None:  # the trainer's rule: detail from sigma <= switch
+            experts = ["detail" if s <= float(switch) else "semantic" for s in sigmas]
         which = (f" (per student step: {', '.join(experts)})" if experts else "")
-        note = ((note or "") + "\n\nThe detail expert is `detail_expert_lora_weights.safetensors`; it runs the steps "
-                f"that start at sigma <= {student.get('switch_sigma')}{which}, the other LoRA the earlier ones (see "
-                "wanjax's scripts/run_student_diffusers.py --lora-switch / --experts).").strip()
+        snippet = (" The snippet below loads both and switches them after each step." if experts and lora else
+                   " (see wanjax's scripts/run_student_diffusers.py --lora-switch / --experts)")
+        note = ((note or "") + f"\n\nThe detail expert is `{DETAIL_LORA_FILE}`; it runs the steps that start at "
+                f"sigma <= {switch}{which}, the other LoRA the earlier ones.{snippet}").strip()
     source = resolve_model(config)
     return model_card(base_model=source.pipeline, method=method, settings=settings,
                       repo_id=repo_id, validation=validation, lora=lora, sampling=sampling,
                       transformer="transformer_2" if source.expert == "transformer_2" else "transformer", note=note,
-                      single_expert=lora and method in ("dmd", "dcm") and _two_expert_base(config, source))
+                      single_expert=lora and method in ("dmd", "dcm") and _two_expert_base(config, source),
+                      experts=experts if lora else None)
 
 
 def _two_expert_base(config, source) -> bool:
