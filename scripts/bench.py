@@ -564,7 +564,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None,
                     help="timed calls per benchmark, median reported (default: 5; 3 for the small / tiny models)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
-    ap.add_argument("--remat", default="full", help="remat policy: none | full | dots | offload | attention | projections | matmuls")
+    ap.add_argument("--remat", default="full",
+                    help="remat policy: none | full | dots | offload | attention | projections | matmuls")
     ap.add_argument("--attention", default="auto", help="attention kernel: auto | xla | cpu | cudnn | splash")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                     help="base weights / activations (default: bfloat16 on GPU/TPU, float32 on CPU)")

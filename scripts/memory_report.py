@@ -391,7 +391,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=1, help="per device (global = batch x devices)")
     ap.add_argument("--text-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=0, help="LoRA rank (0: the method config's: lora 16, dmd/dcm 128)")
-    ap.add_argument("--remat", default="full", help="remat policy of the blocks: none | full | dots | offload | attention | projections | matmuls")
+    ap.add_argument("--remat", default="full",
+                    help="remat policy of the blocks: none | full | dots | offload | attention | projections | matmuls")
     ap.add_argument("--attention", choices=["auto", "xla", "chunked", "model"], default="auto",
                     help="auto: the model's kernel on GPU/TPU, the chunked flash stand-in on CPU")
     ap.add_argument("--base-dtype", choices=["bfloat16", "float32"], default="bfloat16")

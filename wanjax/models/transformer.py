@@ -9,9 +9,9 @@ Token layout inside is channels-last (B, S, D), frame-major then h then w; the p
 (B, C, F, H, W).
 
 Runtime options (WanConfig): `attention` picks the kernel (wanjax.models.attention); `remat_policy` none | full |
-dots | offload | attention | projections | matmuls. Context parallelism needs no option here: under `jax.set_mesh(mesh)` with a `context`
-axis > 1 the tokens are split over it after patchify (`constrain_tokens`) and self-attention goes through head
-all-to-alls.
+dots | offload | attention | projections | matmuls. Context parallelism needs no option here: under
+`jax.set_mesh(mesh)` with a `context` axis > 1 the tokens are split over it after patchify (`constrain_tokens`) and
+self-attention goes through head all-to-alls.
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.activation(checkpoint_name(Dense(self.hidden, self.cast_input, name=self.names[0])(x), "mlp_hidden"))
+        h = checkpoint_name(Dense(self.hidden, self.cast_input, name=self.names[0])(x), "mlp_hidden")
+        h = self.activation(h)
         return checkpoint_name(Dense(self.out, name=self.names[1])(h), "mlp_out")
 
 
