@@ -293,14 +293,44 @@ def test_dcm_card_sigmas_drop_trailing_zero_and_dual_expert_note():
     assert "semantic, semantic, detail, detail" in text
 
 
+def _run_card_snippet(code: str, subs, steps: int, record, text_dim: int):
+    """Run a card's diffusers snippet on a tiny local pipeline, on CPU in float32: `subs` (old, new[, count])
+    replaced after bfloat16 -> float32 (repo ids, pipeline arguments), the prompt given as embeddings, a 9-frame 32x48
+    clip of `steps` steps, latents out, no video written. `record(transformer)` is kept for every transformer
+    forward. Returns (the snippet's namespace, the records)."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    code = code.replace("pipe.to('cuda')", "pipe.to('cpu')").replace("torch.bfloat16", "torch.float32")
+    for old, new, *count in subs:
+        code = code.replace(old, new, *count)
+    code = (code.replace("prompt=", "prompt_embeds=EMB, negative_prompt=")
+            .replace(f"num_inference_steps={steps}", "height=32, width=48, num_frames=9, output_type='latent', "
+                                                     f"num_inference_steps={steps}")
+            .replace(".frames[0]", ".frames").split("export_to_video(video")[0])
+    seen = []
+    orig = diffusers.WanTransformer3DModel.forward
+
+    def fwd(self, hidden_states, timestep, *a, **k):
+        seen.append(record(self))
+        return orig(self, hidden_states, timestep, *a, **k)
+
+    ns = {"EMB": torch.from_numpy(np.random.default_rng(0).standard_normal((1, 7, text_dim), dtype=np.float32))}
+    try:
+        diffusers.WanTransformer3DModel.forward = fwd
+        exec(code, ns)
+    finally:
+        diffusers.WanTransformer3DModel.forward = orig
+    return ns, seen
+
+
 def test_dcm_dual_expert_card_switches_the_loras_per_step(tmp_path):
     """The DCM dual-expert card's snippet, run on a tiny pipeline: it loads both LoRAs (the detail one from
     detail_expert_lora_weights.safetensors) and each student step runs with the adapter the run's meta names for
     it (without `experts` in the meta: the trainer's rule, detail from sigma <= switch_sigma)."""
     import diffusers
     import jax
-    import numpy as np
-    import torch
 
     import reference as ref
     import wanjax
@@ -325,27 +355,10 @@ def test_dcm_dual_expert_card_switches_the_loras_per_step(tmp_path):
         assert f"weight_name={hub.DETAIL_LORA_FILE!r}, adapter_name='detail'" in code
         assert "callback_on_step_end=switch_expert" in code and "The snippet below loads both" in text
         base_id = code.split("WanPipeline.from_pretrained(", 1)[1].split(",", 1)[0]
-        code = (code.replace(base_id, repr(str(base))).replace("'user/wan-dcm'", repr(str(repo)))
-                .replace("pipe.to('cuda')", "pipe.to('cpu')").replace("torch.bfloat16", "torch.float32")
-                .replace("torch_dtype=torch.float32)", "torch_dtype=torch.float32, vae=None, text_encoder=None, "
-                                                        "tokenizer=None)", 1)
-                .replace("prompt=", "prompt_embeds=EMB, negative_prompt=")
-                .replace("num_inference_steps=4", "height=32, width=48, num_frames=9, output_type='latent', "
-                                                  "num_inference_steps=4")
-                .replace(".frames[0]", ".frames").split("export_to_video(video")[0])
-        seen = []
-        orig = diffusers.WanTransformer3DModel.forward
-
-        def fwd(self, hidden_states, timestep, *a, **k):
-            seen.append(list(self.active_adapters()))
-            return orig(self, hidden_states, timestep, *a, **k)
-
-        emb = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 7, cfg["text_dim"]), dtype=np.float32))
-        try:
-            diffusers.WanTransformer3DModel.forward = fwd
-            exec(code, {"EMB": emb})
-        finally:
-            diffusers.WanTransformer3DModel.forward = orig
+        no_encoders = "torch_dtype=torch.float32, vae=None, text_encoder=None, tokenizer=None)"
+        subs = [(base_id, repr(str(base))), ("'user/wan-dcm'", repr(str(repo))),
+                ("torch_dtype=torch.float32)", no_encoders, 1)]
+        _, seen = _run_card_snippet(code, subs, 4, lambda m: list(m.active_adapters()), cfg["text_dim"])
         assert seen == [[w] for w in want], (student, seen)
 
 
@@ -364,7 +377,6 @@ def test_a14b_student_card_runs_every_step_on_the_lora_expert(tmp_path, flavour)
     expert the LoRA adapts (high: transformer, low: transformer_2's weights), with the LoRA loaded."""
     import diffusers
     import jax
-    import numpy as np
     import torch
 
     import reference as ref
@@ -385,27 +397,9 @@ def test_a14b_student_card_runs_every_step_on_the_lora_expert(tmp_path, flavour)
     text = hub.card_from_config(c, repo_id="user/wan22-dmd", steps=1, meta=meta)
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     assert "transformer_2=None, boundary_ratio=None" in code and "load_into_transformer_2" not in code
-    code = (code.replace("'Wan-AI/Wan2.2-T2V-A14B-Diffusers'", repr(str(base)))
-            .replace("'user/wan22-dmd'", repr(str(tmp_path / "repo"))).replace("pipe.to('cuda')", "pipe.to('cpu')")
-            .replace("torch.bfloat16", "torch.float32").replace("prompt=", "prompt_embeds=EMB, negative_prompt=")
-            .replace("transformer_2=None,", "transformer_2=None, vae=None, text_encoder=None, tokenizer=None,")
-            .replace("num_inference_steps=3", "height=32, width=48, num_frames=9, output_type='latent', "
-                                              "num_inference_steps=3")
-            .replace(".frames[0]", ".frames").split("export_to_video(video")[0])
-    seen = []
-    orig = diffusers.WanTransformer3DModel.forward
-
-    def fwd(self, hidden_states, timestep, *a, **k):
-        seen.append((self, bool(getattr(self, "peft_config", None))))
-        return orig(self, hidden_states, timestep, *a, **k)
-
-    emb = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 7, cfg["text_dim"]), dtype=np.float32))
-    ns = {"EMB": emb}
-    try:
-        diffusers.WanTransformer3DModel.forward = fwd
-        exec(code, ns)
-    finally:
-        diffusers.WanTransformer3DModel.forward = orig
+    subs = [("'Wan-AI/Wan2.2-T2V-A14B-Diffusers'", repr(str(base))), ("'user/wan22-dmd'", repr(str(tmp_path / "repo"))),
+            ("transformer_2=None,", "transformer_2=None, vae=None, text_encoder=None, tokenizer=None,")]
+    ns, seen = _run_card_snippet(code, subs, 3, lambda m: (m, bool(getattr(m, "peft_config", None))), cfg["text_dim"])
     pipe = ns["pipe"]
     assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None
     assert len(seen) == 3 and all(m is pipe.transformer and lora for m, lora in seen)
