@@ -120,11 +120,13 @@ def test_bad_context_sizes_are_refused():
                        wanjax.param_shapes(CONFIG), odd_tokens, t, c)
 
 
-def test_cpu_kernel_under_context_parallelism(setup):
+@pytest.mark.parametrize("remat", ["none", "matmuls"])
+def test_cpu_kernel_under_context_parallelism(setup, remat):
     """The `cpu` kernel (CPU's default; XLA ops with a custom VJP, partitioned by XLA like `xla`) on the Ulysses
-    layout: forward and LoRA gradients equal one-device XLA's, through all-to-alls."""
+    layout: forward and LoRA gradients equal one-device XLA's (no remat), through all-to-alls; also with remat
+    "matmuls" (named linear outputs and kernel residuals saved across the all-to-alls)."""
     s = setup
-    config = CONFIG.replace(attention="cpu")
+    config = CONFIG.replace(attention="cpu", remat_policy=remat)
     spec = fm.LoraSpec(rank=2, alpha=4.0, targets=lora_lib.parse_targets(lora_lib.DEFAULT_TARGETS))
     loss = functools.partial(fm.flow_matching_loss, rng=jax.random.key(3), model=config, lora=spec,
                              fm=fm.FlowMatchingConfig())
