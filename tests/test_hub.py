@@ -2,6 +2,7 @@
 (recorded by monkeypatched HfApi methods), disabling itself with one warning when it cannot push."""
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -360,6 +361,36 @@ def test_dcm_dual_expert_card_switches_the_loras_per_step(tmp_path):
                 ("torch_dtype=torch.float32)", no_encoders, 1)]
         _, seen = _run_card_snippet(code, subs, 4, lambda m: list(m.active_adapters()), cfg["text_dim"])
         assert seen == [[w] for w in want], (student, seen)
+
+
+def test_card_fps_from_the_base_model_index(tmp_path, monkeypatch):
+    """The snippet exports at the base pipeline's frame rate, read from its model_index.json (24 where it sets
+    expand_timesteps: Wan2.2 TI2V-5B; else 16): in a local folder, or in the hub cache for a hub id (never fetched);
+    without one, TI2V by name."""
+    def fps_line(text):
+        return text.split("export_to_video(video, 'output.mp4', ")[1].split(")")[0]
+
+    local = tmp_path / "my-5b"  # no "ti2v" in the name
+    local.mkdir()
+    (local / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "expand_timesteps": True}))
+    assert hub.base_fps(str(local)) == 24
+    text = hub.card_from_config({"model_type": "lora", "pretrained_model_name_or_path": str(local)},
+                                repo_id="user/x", steps=1)
+    assert fps_line(text) == "fps=24"
+    cache = tmp_path / "hub-cache"
+    snap = cache / "models--org--wan-5b" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "model_index.json").write_text(json.dumps({"expand_timesteps": True}))
+    (cache / "models--org--wan-5b" / "refs").mkdir()
+    (cache / "models--org--wan-5b" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert hub.base_fps("org/wan-5b") == 24
+    assert hub.base_fps("org/not-cached") is None and hub.base_fps(str(tmp_path / "nothing")) is None
+    (snap / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    assert hub.base_fps("org/wan-5b") == 16
+    text = hub.card_from_config({"model_type": "lora", "pretrained_model_name_or_path": "org/Wan2.2-TI2V-5B-x"},
+                                repo_id="user/x", steps=1)
+    assert fps_line(text) == "fps=24"  # not cached: by name
 
 
 def test_card_without_namespace_uses_placeholder():

@@ -82,11 +82,34 @@ def step_sigmas(sigmas) -> list[float]:
 DETAIL_LORA_FILE = "detail_expert_lora_weights.safetensors"  # DCM dual experts' second export (methods/dcm.py)
 
 
+def base_fps(pipeline: str) -> int | None:
+    """The base pipeline's video frame rate (`video_out.pipeline_fps`) from its model_index.json in the local folder
+    `pipeline` or, for a hub id, in the local hub cache (never downloaded); None where neither has it."""
+    from wanjax.video_out import pipeline_fps
+
+    path = Path(pipeline) / "model_index.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(pipeline, "model_index.json")
+        except Exception:  # noqa: BLE001 - not a valid repo id, unreadable cache: fall back to the name rule
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return pipeline_fps(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
 def _usage(*, base_model: str, method: str, repo_id: str, lora: bool, prompt: str, sampling: dict,
-           transformer: str, single_expert: bool = False, experts: list[str] | None = None) -> str:
+           transformer: str, single_expert: bool = False, experts: list[str] | None = None,
+           fps: int | None = None) -> str:
     i2v = "i2v" in base_model.lower() and "ti2v" not in base_model.lower()
     pipeline = "WanImageToVideoPipeline" if i2v else "WanPipeline"
-    fps = 24 if "ti2v" in base_model.lower() else 16
+    fps = fps or (24 if "ti2v" in base_model.lower() else 16)  # without model_index.json: TI2V-5B by its name
     sampling = dict(sampling)
     sigmas = sampling.pop("sigmas", None)
     sigmas = step_sigmas(sigmas) if sigmas else None
@@ -161,6 +184,7 @@ def model_card(
     note: str | None = None,
     single_expert: bool = False,
     experts: list[str] | None = None,
+    fps: int | None = None,
 ) -> str:
     """README.md text for the hub repo: YAML front matter (base model, tags, widget with the validation videos)
     and a body with the method, the training settings and a diffusers snippet.
@@ -175,6 +199,7 @@ def model_card(
       boundary_ratio=None; the low-noise one from subfolder transformer_2).
     experts: DCM dual experts, the adapter of each student step ("semantic" | "detail"): the snippet loads both LoRAs
       (the detail one from DETAIL_LORA_FILE) and switches them per step with callback_on_step_end.
+    fps: the snippet's export frame rate (`base_fps`); None: 24 for a base named TI2V, else 16.
     repo_id without a namespace ("name"): the snippet loads "YOUR_USERNAME/name" and the card says to fill it in."""
     if method not in METHODS:
         raise ValueError(f"method={method!r}: expected one of {METHODS}")
@@ -227,7 +252,8 @@ def model_card(
     body += ["", "## Training settings", "", *_settings_lines(settings)]
     prompt = next((v["prompt"] for v in validation if v.get("prompt")), "A cat walks on the grass, realistic style.")
     usage = _usage(base_model=base_model, method=method, repo_id=load_id, lora=lora, prompt=prompt,
-                   sampling=sampling, transformer=transformer, single_expert=single_expert, experts=experts)
+                   sampling=sampling, transformer=transformer, single_expert=single_expert, experts=experts,
+                   fps=fps)
     body += ["", "## Inference", "", "```python", usage, "```", ""]
     return f"---\n{header}---\n\n" + "\n".join(body)
 
@@ -313,7 +339,7 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
                       repo_id=repo_id, validation=validation, lora=lora, sampling=sampling,
                       transformer="transformer_2" if source.expert == "transformer_2" else "transformer", note=note,
                       single_expert=lora and method in ("dmd", "dcm") and _two_expert_base(config, source),
-                      experts=experts if lora else None)
+                      experts=experts if lora else None, fps=base_fps(source.pipeline))
 
 
 def _two_expert_base(config, source) -> bool:
