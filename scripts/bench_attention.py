@@ -39,18 +39,18 @@ def log(msg: str) -> None:
 
 
 def timed(fn, args, steps: int, warmup: int) -> tuple[float, list[float], float]:
+    """(median, times, compile seconds) of `steps` blocking calls of fn(*args) after the compiling call and `warmup`."""
     import jax
 
+    from bench import time_calls
+
+    def call():
+        jax.block_until_ready(fn(*args))
+
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    call()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
+    times = time_calls(call, steps, warmup)
     return statistics.median(times), times, compile_s
 
 

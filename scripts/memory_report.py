@@ -288,11 +288,12 @@ def analytic(model, method: str, *, tokens: int, batch: int, text_len: int, act_
     residual = batch * ((15 * S * D + S * F + 2 * text_len * D) * act_bytes + H * S * 4)
     backward = batch * (4 * S * D + 2 * S * F) * act_bytes
     forward_only = PASSES[method] * batch * (4 * S * D + 2 * S * F) * act_bytes
+    projections = nl * batch * ((9 * S * D + 2 * text_len * D) * act_bytes + 2 * H * S * 4)
     saved = {"full": nl * batch * S * D * act_bytes, "offload": nl * batch * S * D * act_bytes,
              "dots": nl * batch * (7 * S * D + S * F) * act_bytes,
              "attention": nl * batch * (3 * S * D * act_bytes + 2 * H * S * 4),
-             "projections": nl * batch * ((9 * S * D + 2 * text_len * D) * act_bytes + 2 * H * S * 4),
-             "matmuls": nl * batch * ((9 * S * D + S * F + 2 * text_len * D) * act_bytes + 2 * H * S * 4),
+             "projections": projections,
+             "matmuls": projections + nl * batch * S * F * act_bytes,
              "none": nl * residual}[remat]
     activations = saved + max(residual + backward, forward_only)
     gathered = 0 if fsdp == 1 else 2 * block_bytes

@@ -9,7 +9,6 @@ Upload failures are logged and reported as `False`, never raised. Only process 0
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,7 +19,8 @@ from typing import Any
 import jax
 import yaml
 
-from wanjax.model_source import resolve_model, two_experts
+from wanjax.methods.dcm import DETAIL_EXPORT
+from wanjax.model_source import read_model_index, resolve_model, two_experts
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def step_sigmas(sigmas) -> list[float]:
     return s
 
 
-DETAIL_LORA_FILE = "detail_expert_lora_weights.safetensors"  # DCM dual experts' second export (methods/dcm.py)
+DETAIL_LORA_FILE = f"{DETAIL_EXPORT}.safetensors"  # DCM dual experts' second export
 
 
 def base_fps(pipeline: str) -> int | None:
@@ -87,21 +87,8 @@ def base_fps(pipeline: str) -> int | None:
     `pipeline` or, for a hub id, in the local hub cache (never downloaded); None where neither has it."""
     from wanjax.video_out import pipeline_fps
 
-    path = Path(pipeline) / "model_index.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(pipeline, "model_index.json")
-        except Exception:  # noqa: BLE001 - not a valid repo id, unreadable cache: fall back to the name rule
-            cached = None
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
-    try:
-        return pipeline_fps(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None
+    index = read_model_index(pipeline, hub_cache=True)
+    return None if index is None else pipeline_fps(index)
 
 
 def _usage(*, base_model: str, method: str, repo_id: str, lora: bool, prompt: str, sampling: dict,
@@ -339,7 +326,7 @@ def card_from_config(config, *, repo_id: str, steps: int, meta: dict | None = No
                       repo_id=repo_id, validation=validation, lora=lora, sampling=sampling,
                       transformer="transformer_2" if source.expert == "transformer_2" else "transformer", note=note,
                       single_expert=lora and method in ("dmd", "dcm") and _two_expert_base(config, source),
-                      experts=experts if lora else None, fps=base_fps(source.pipeline))
+                      experts=experts, fps=base_fps(source.pipeline))
 
 
 def _two_expert_base(config, source) -> bool:
@@ -348,11 +335,8 @@ def _two_expert_base(config, source) -> bool:
     flavour = str(config.get("model_flavour") or "")
     if flavour.endswith(("-2.2-high", "-2.2-low")) or "transformer_2" in (source.subfolder, source.expert):
         return True
-    index = Path(source.pipeline) / "model_index.json"
-    try:
-        return two_experts(json.loads(index.read_text())) if index.is_file() else False
-    except (OSError, ValueError):
-        return False
+    index = read_model_index(source.pipeline)
+    return index is not None and two_experts(index)
 
 
 def write_model_card(output_dir: str | os.PathLike, text: str) -> Path:

@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # SimpleTuner's model flavours: (default repo, transformer subfolder).
 FLAVOURS = {
@@ -41,6 +43,29 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 def looks_like_repo_id(path) -> bool:
     """"org/name" that is not a local path: a hub repo id to fetch with huggingface_hub."""
     return _HUB_ID.fullmatch(str(path)) is not None and not os.path.exists(path)
+
+
+def read_model_index(pipeline, *, hub_cache: bool = False) -> dict | None:
+    """A pipeline's model_index.json from the local folder `pipeline`, or with `hub_cache` for a hub id from the
+    local hub cache (never downloaded); None where there is none or it is not a readable JSON object."""
+    path = Path(pipeline) / "model_index.json"
+    if not path.is_file():
+        if not hub_cache:
+            return None
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(pipeline), "model_index.json")
+        except Exception:  # noqa: BLE001 - not a valid repo id, unreadable cache: nothing to read
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) else None
 
 
 def two_experts(model_index: dict) -> bool:

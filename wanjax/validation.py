@@ -342,12 +342,10 @@ def _pipeline_flow_shift(pipeline: Path) -> float:
 
 
 def _pipeline_fps(pipeline: Path) -> int:
+    from wanjax.model_source import read_model_index
     from wanjax.video_out import pipeline_fps
 
-    try:
-        return pipeline_fps(json.loads((pipeline / "model_index.json").read_text()))
-    except (OSError, ValueError):
-        return pipeline_fps({})
+    return pipeline_fps(read_model_index(pipeline) or {})
 
 
 def prompt_embeddings(texts: list[str], *, cache_dir: str | Path, pipeline: str, text_len: int,

@@ -18,6 +18,8 @@ from wanjax.models.transformer import transformer_forward
 
 logger = logging.getLogger(__name__)
 
+DETAIL_EXPORT = "detail_expert_lora_weights"  # the detail expert's LoRA file (dual experts), beside the student's
+
 # The distillation_config keys DCM reads (configs/common.py `dcm_options` gives their defaults; tested equal).
 OPTIONS = frozenset({
     "mode", "euler_steps", "euler_timesteps", "dcm_shift", "multiphase", "distill_cfg", "adv_weight", "model_family",
@@ -138,7 +140,7 @@ def build(ctx: Context) -> Method:
         out = {"pytorch_lora_weights": spec.wrap(pick(optim.eval_params(state.gen_opt, state.gen), state.ema))}
         if cfg.dual_experts:
             detail = optim.eval_params(state.detail_opt, state.detail)
-            out["detail_expert_lora_weights"] = spec.wrap(pick(detail, state.detail_ema))
+            out[DETAIL_EXPORT] = spec.wrap(pick(detail, state.detail_ema))
         return out
 
     sigmas = [float(s) for s in dcmlib.dcm_student_sigmas(cfg)]
@@ -148,7 +150,7 @@ def build(ctx: Context) -> Method:
                "multiphase": cfg.multiphase, "experts": list(dcmlib.dcm_student_experts(cfg))}
     if cfg.dual_experts:
         lora_meta["detail_state_key"] = "detail"
-        student["detail_lora"] = "detail_expert_lora_weights"
+        student["detail_lora"] = DETAIL_EXPORT
         # the detail expert runs the steps that start at sigma <= switch_sigma
         student["switch_sigma"] = float(dcmlib.dcm_grid(cfg)[dcmlib.split_index(cfg)])
     meta = {"lora": lora_meta, "student": student, "dcm": {"mode": cfg.mode, "target": cfg.target,
