@@ -293,7 +293,7 @@ def _plain_dots(eqn) -> bool:  # products without batch dimensions: the linear l
 
 
 def test_remat_dots_recomputes_no_linear_layer_product():
-    """"dots" saves the products without batch dimensions (every linear layer's, computed inside dot_f32's forward
+    """"dots" saves the products without batch dimensions (every linear layer's, computed inside dot's forward
     rule): its gradient jaxpr has exactly as many of them as no remat's, "full" more (they are recomputed)."""
     value_and_grad, params, x = _tiny_model_value_and_grad()
     plain = {p: _count_in_jaxpr(value_and_grad(p), (params, x), _plain_dots) for p in ("none", "full", "dots")}

@@ -1,6 +1,6 @@
 """The transformer's hand-written derivatives (written out for XLA:CPU speed, saved-activation memory and
 bf16 products) equal autodiff of their formulas: `standardize` (LayerNorm / RMSNorm core), `gelu_tanh` and
-`dot_f32` (every linear layer's matmul), custom VJPs that keep their input in its own dtype, in value and gradient,
+`dot` (every linear layer's matmul), custom VJPs that keep their input in its own dtype, in value and gradient,
 float32 and bfloat16."""
 
 import jax
@@ -91,33 +91,38 @@ def test_bfloat16_inputs_keep_their_dtype_and_match_float32_math():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# dot_f32: the linear layers' matmul
+# dot: the linear layers' matmul
 # ---------------------------------------------------------------------------------------------------------
 def _dot_autodiff(x, w):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return jnp.dot(x, w, preferred_element_type=x.dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("argnums", [(0,), (1,), (0, 1)])
-def test_dot_f32_matches_autodiff_of_jnp_dot(dtype, argnums):
-    """Value and gradients of autodiff'd jnp.dot (float32 accumulation), the caller rounding the result to the
-    operands' dtype as Dense does: in bf16 the cotangent is then exactly a bf16 value, so both compute the same
-    float32 sums (in another order) and the gradients differ at most by the rounding of their dtype."""
+def test_dot_matches_autodiff_of_jnp_dot(dtype, argnums):
+    """Value and gradients of autodiff'd jnp.dot with the result in the operands' dtype; the value is the float32
+    (here float64) product of the same operands rounded once (accumulated in float32, not in bf16); the gradients
+    are the same products (in another order), so they differ at most by the rounding of their dtype."""
     k = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(k[0], (2, 5, 48)).astype(dtype)
-    w = (jax.random.normal(k[1], (48, 24)) * 0.2).astype(dtype)
+    x = jax.random.normal(k[0], (2, 5, 512)).astype(dtype)
+    w = (jax.random.normal(k[1], (512, 24)) * 0.2).astype(dtype)
     cot = jax.random.normal(k[2], (2, 5, 24))
 
     def loss(dot):
-        return lambda x, w: jnp.sum(dot(x, w).astype(dtype).astype(jnp.float32) * cot)
+        return lambda x, w: jnp.sum(dot(x, w).astype(jnp.float32) * cot)
 
-    np.testing.assert_array_equal(np.asarray(tf.dot_f32(x, w)), np.asarray(_dot_autodiff(x, w)))
-    got = jax.jit(jax.grad(loss(tf.dot_f32), argnums=argnums))(x, w)
+    y = tf.dot(x, w)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(_dot_autodiff(x, w)))
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    ulp = 1e-6 if dtype == jnp.float32 else 2.0**-8  # half a bf16 ulp (relative) plus float32 accumulation
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=ulp, atol=1e-4)
+    got = jax.jit(jax.grad(loss(tf.dot), argnums=argnums))(x, w)
     want = jax.jit(jax.grad(loss(_dot_autodiff), argnums=argnums))(x, w)
     for g, g_want, i in zip(got, want, argnums):
         assert g.dtype == (x, w)[i].dtype
         rtol = 1e-6 if dtype == jnp.float32 else 2.0**-7  # one bf16 ulp: the same f32 sum rounded either way
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32), rtol=rtol, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_want, np.float32), rtol=rtol, atol=1e-5)
 
 
 def _dot_generals(fn, *args) -> list:
@@ -125,11 +130,11 @@ def _dot_generals(fn, *args) -> list:
     return [eqn for eqn in ref.jaxpr_eqns(fn, *args) if eqn.primitive.name == "dot_general"]
 
 
-def test_dot_f32_computes_and_saves_only_what_is_differentiated():
+def test_dot_computes_and_saves_only_what_is_differentiated():
     """A frozen weight (the base under LoRA) gets no gradient product and its input is not saved for one: the
     gradient with respect to x alone holds the forward and dx products, not dw's."""
     x, w = jnp.ones((2, 5, 8)), jnp.ones((8, 3))
-    f = lambda x, w: jnp.sum(tf.dot_f32(x, w))  # noqa: E731
+    f = lambda x, w: jnp.sum(tf.dot(x, w))  # noqa: E731
     shapes = {argnums: sorted(tuple(e.outvars[0].aval.shape) for e in _dot_generals(jax.grad(f, argnums), x, w))
               for argnums in ((0,), (1,), (0, 1))}
     # each jaxpr holds the primal product twice (custom_vjp keeps the primal function beside its forward rule)
@@ -141,9 +146,9 @@ def test_dot_f32_computes_and_saves_only_what_is_differentiated():
     assert (2, 5, 8) not in kept, kept
 
 
-def test_dot_f32_refuses_mixed_dtypes():
+def test_dot_refuses_mixed_dtypes():
     with pytest.raises(TypeError, match="float32 and bfloat16"):
-        tf.dot_f32(jnp.ones((2, 4)), jnp.ones((4, 3), jnp.bfloat16))
+        tf.dot(jnp.ones((2, 4)), jnp.ones((4, 3), jnp.bfloat16))
 
 
 def test_bf16_lora_gradient_products_are_bf16():

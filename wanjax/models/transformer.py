@@ -3,7 +3,7 @@
 Every released variant: Wan2.1 T2V, I2V / FLF2V (image embedder, added K/V, `pos_embed`), Wan2.2 A14B experts and
 TI2V-5B (per-token timesteps). Blocks are one `nn.scan` over parameters stacked [num_layers, ...], optionally
 rematerialised. Dtypes follow diffusers: matmuls in the weights' dtype (bf16 in training; their gradient
-products too, `dot_f32`), float32 for the timestep embedding, modulation, norms and gated residuals.
+products too, `dot`), float32 for the timestep embedding, modulation, norms and gated residuals.
 
 Token layout inside is channels-last (B, S, D), frame-major then h then w; the public boundary is diffusers'
 (B, C, F, H, W).
@@ -40,55 +40,57 @@ TEXT_CONTEXT_LEN = 512
 # Layers
 # ---------------------------------------------------------------------------------------------------------
 @jax.custom_vjp
-def dot_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., k) @ w (k, n) of one dtype, accumulated and returned in float32; the matmul of every linear layer.
+def dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., k) @ w (k, n) of one dtype, accumulated in float32 and rounded once to that dtype; the matmul of
+    every linear layer.
 
-    The backward is written out so that its products run in that dtype. Autodiff's would multiply the float32
-    cotangent by the bfloat16 operand, which JAX lowers as a float32 product (operand converted): unless XLA folds
-    the conversion back, a float32 (TF32 at best) product on a GPU, for most of a training step's FLOPs. Here the
-    cotangent is rounded to the operands' dtype first, which is exact where the caller rounds the result to that
-    dtype (Dense, PatchEmbed), and the products accumulate in float32. Only what is differentiated is computed or
+    The product writes its result in the operands' dtype (every backend accumulates a bf16 product in float32: the
+    cuBLAS / Triton GEMMs, the MXU, XLA:CPU's float32 dot). A float32 result rounded afterwards holds the same values,
+    but on a GPU it is a float32 tensor the GEMM writes and another kernel reads back to round it: 4 more bytes of
+    memory traffic per output element, for every linear layer's output (the FFN's hidden is 32,760 x 8,960 per block
+    of the 1.3B at 480x832x81). The backward is written out so that only what is differentiated is computed or
     saved: the weight gradient, and x for it, only when w is (LoRA A / B, not the frozen base), contracting the
     leading (token) axes directly (autodiff's form made XLA:CPU write each cotangent transposed first: 5-7% of a
-    small-model LoRA step).
+    small-model LoRA step); its products are of the operands' dtype too, accumulated in float32.
     """
     return _dot(x, w)
 
 
 def _dot(x, w):
     if x.dtype != w.dtype:
-        raise TypeError(f"dot_f32: operands of one dtype expected, got {x.dtype} and {w.dtype}")
-    return jnp.dot(x, w, preferred_element_type=F32)
+        raise TypeError(f"dot: operands of one dtype expected, got {x.dtype} and {w.dtype}")
+    return jnp.dot(x, w, preferred_element_type=x.dtype)
 
 
-def _dot_f32_fwd(x, w):  # symbolic_zeros: x and w arrive as CustomVJPPrimal (value, perturbed)
-    # the product itself here, not dot_f32 (a nested custom_vjp call): remat policies ("dots") must see the dot
+def _dot_fwd(x, w):  # symbolic_zeros: x and w arrive as CustomVJPPrimal (value, perturbed)
+    # the product itself here, not dot (a nested custom_vjp call): remat policies ("dots") must see the dot
     y = _dot(x.value, w.value)
     # saved: w for dx if x is differentiated, x for dw if w is
     return y, (w.value if x.perturbed else None, x.value if w.perturbed else None)
 
 
-def _dot_f32_bwd(res, g):
+def _dot_bwd(res, g):
     w, x = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
     dtype = (w if w is not None else x).dtype
     g = g.astype(dtype)
-    dx = None if w is None else jnp.dot(g, w.T, preferred_element_type=F32).astype(dtype)
+    dx = None if w is None else jnp.dot(g, w.T, preferred_element_type=dtype)
     dw = None
     if x is not None:
         lead = tuple(range(x.ndim - 1))
-        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=F32).astype(dtype)
+        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=dtype)
     return dx, dw
 
 
-dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd, symbolic_zeros=True)
+dot.defvjp(_dot_fwd, _dot_bwd, symbolic_zeros=True)
 
 
 class Dense(nn.Module):
-    """torch.nn.Linear: y = x W + b, accumulated in float32 and rounded once to the output dtype.
+    """torch.nn.Linear: y = x W + b, the product accumulated in float32 and written in the output dtype (`dot`).
 
-    The output dtype is x's; with `cast_input`, x is first cast to the kernel's dtype (diffusers'
+    The bias is added in that dtype: in bf16 a second rounding where torch's cuBLASLt epilogue adds the bias before
+    its one rounding (at most one bf16 ulp apart; identical in float32). The output dtype is x's; with `cast_input`, x is first cast to the kernel's dtype (diffusers'
     `time_embedder`, kept in float32). If the "lora" collection holds `A` (in, r) and `B` (r, out) for this
     layer (and optionally `bias` (out,), PEFT's lora_B.bias), the low-rank path (x A) B + bias runs beside
     the frozen matmul, unmerged: no weight-sized gradient is ever formed. The LoRA scale alpha / r is folded
@@ -104,15 +106,15 @@ class Dense(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), F32)
         if self.cast_input:
             x = x.astype(kernel.dtype)
-        y = dot_f32(x, kernel.astype(x.dtype)) + bias.astype(F32)
+        y = dot(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
         if self.has_variable("lora", "A"):
             a = self.get_variable("lora", "A").astype(x.dtype)
             b = self.get_variable("lora", "B").astype(x.dtype)
-            low = checkpoint_name(dot_f32(x, a).astype(x.dtype), "lora_down")
-            y = y + dot_f32(low, b)
+            up = dot(checkpoint_name(dot(x, a), "lora_down"), b)
             if self.has_variable("lora", "bias"):
-                y = y + self.get_variable("lora", "bias").astype(F32)
-        return y.astype(x.dtype)
+                up = up + self.get_variable("lora", "bias").astype(x.dtype)
+            y = y + up
+        return y
 
 
 def row_sum_plain(a: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -465,8 +467,7 @@ class PatchEmbed(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (*cfg.patch_size, cfg.in_channels, dim), F32)
         bias = self.param("bias", nn.initializers.zeros_init(), (dim,), F32)
         x = patches.astype(kernel.dtype)
-        y = dot_f32(x, kernel.reshape(-1, dim)) + bias.astype(F32)
-        return y.astype(kernel.dtype)
+        return dot(x, kernel.reshape(-1, dim)) + bias.astype(x.dtype)
 
 
 class WanTransformer(nn.Module):
