@@ -97,12 +97,24 @@ def _dot_autodiff(x, w):
     return jnp.dot(x, w, preferred_element_type=x.dtype)
 
 
+@pytest.fixture(params=["cpu", "gpu"])
+def backend(request, monkeypatch):
+    """The backend the model's code sees (jax.default_backend), traced afresh (jax caches traced functions)."""
+    monkeypatch.setattr(tf.jax, "default_backend", lambda: request.param)
+    jax.clear_caches()
+    yield request.param
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("argnums", [(0,), (1,), (0, 1)])
-def test_dot_matches_autodiff_of_jnp_dot(dtype, argnums):
-    """Value and gradients of autodiff'd jnp.dot with the result in the operands' dtype; the value is the float32
-    (here float64) product of the same operands rounded once (accumulated in float32, not in bf16); the gradients
-    are the same products (in another order), so they differ at most by the rounding of their dtype."""
+def test_dot_matches_autodiff_of_jnp_dot(dtype, argnums, backend):
+    """The value is the exact (here float64) product of the operands rounded once to their dtype (accumulated in
+    float32, not in bf16); the gradients are autodiff's of jnp.dot with the result in the operands' dtype: the same
+    sums (in another order), so they differ at most by the rounding of their dtype. Both forms of the product: the
+    CPU's (a float32 result, rounded after) and the other backends' (the result written in bf16), the latter run
+    here on the CPU by making the model see another backend."""
     k = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k[0], (2, 5, 512)).astype(dtype)
     w = (jax.random.normal(k[1], (512, 24)) * 0.2).astype(dtype)
@@ -113,7 +125,8 @@ def test_dot_matches_autodiff_of_jnp_dot(dtype, argnums):
 
     y = tf.dot(x, w)
     assert y.dtype == dtype
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(_dot_autodiff(x, w)))
+    results = {str(e.params["preferred_element_type"]) for e in _dot_generals(jax.grad(loss(tf.dot), argnums), x, w)}
+    assert results == {"float32" if backend == "cpu" else str(jnp.dtype(dtype))}, results  # the form under test
     exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
     ulp = 1e-6 if dtype == jnp.float32 else 2.0**-8  # half a bf16 ulp (relative) plus float32 accumulation
     np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=ulp, atol=1e-4)

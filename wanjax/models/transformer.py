@@ -59,7 +59,17 @@ def dot(x: jax.Array, w: jax.Array) -> jax.Array:
 def _dot(x, w):
     if x.dtype != w.dtype:
         raise TypeError(f"dot: operands of one dtype expected, got {x.dtype} and {w.dtype}")
-    return jnp.dot(x, w, preferred_element_type=x.dtype)
+    return _product(x, w, ((x.ndim - 1,), (0,)))
+
+
+def _product(a, b, contract) -> jax.Array:
+    """dot_general(a, b) over `contract` ((a's axes), (b's axes)), no batch axes, in a's dtype (float32 accumulation).
+
+    On CPU a bf16 product is taken with a float32 result and rounded after: XLA:CPU's kernels multiply bf16 operands
+    only into float32 and otherwise upcast both operands first (a 4096 x 1536 x 1536 product: 86 ms against 20)."""
+    if jax.default_backend() == "cpu" and a.dtype != F32:
+        return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=F32).astype(a.dtype)
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=a.dtype)
 
 
 def _dot_fwd(x, w):  # symbolic_zeros: x and w arrive as CustomVJPPrimal (value, perturbed)
@@ -75,11 +85,11 @@ def _dot_bwd(res, g):
         return None, None
     dtype = (w if w is not None else x).dtype
     g = g.astype(dtype)
-    dx = None if w is None else jnp.dot(g, w.T, preferred_element_type=dtype)
+    dx = None if w is None else _product(g, w, ((g.ndim - 1,), (1,)))
     dw = None
     if x is not None:
         lead = tuple(range(x.ndim - 1))
-        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=dtype)
+        dw = _product(x, g, (lead, lead))
     return dx, dw
 
 
