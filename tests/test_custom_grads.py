@@ -188,3 +188,29 @@ def test_bf16_lora_gradient_products_are_bf16():
     # no (tokens, d_in) x (tokens, d_out) product except LoRA's A / B gradients (rank 4 on one side)
     weight_grads = [e for e in bf16 if all(v.aval.ndim == 3 for v in e.invars) and e.outvars[0].aval.ndim == 2]
     assert weight_grads and all(4 in e.outvars[0].aval.shape for e in weight_grads)
+
+
+def test_bf16_lora_gradient_saves_no_float32_activation():
+    """Without remat, a bf16 LoRA gradient keeps no token-sized float32 tensor: the norms take their bf16 input
+    (float32 inside `standardize`) and the linear layers write bf16, so what the backward reads is bf16 but for
+    per-token statistics and per-sample modulation (diffusers' float32 islands: norm1 / norm3 of x.float())."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    config = wanjax.WanConfig.from_diffusers(ref.T2V).replace(remat_policy="none")
+    params = wanjax.init_params(config, jax.random.key(1), jnp.bfloat16)
+    inp = {k: jnp.asarray(v) for k, v in ref.inputs(ref.T2V, seed=2).items()}
+    lora = wl.init_lora(config, jax.random.key(3), rank=4, targets=wl.DEFAULT_TARGETS + ("ffn.net.0.proj",
+                                                                                         "ffn.net.2"))
+    x = inp["hidden_states"].astype(jnp.bfloat16)
+    tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+
+    def loss(lora):
+        out = wanjax.transformer_forward(config, params, x, inp["timestep"],
+                                         inp["encoder_hidden_states"].astype(jnp.bfloat16), lora=lora)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    saved = [aval for aval, _ in saved_residuals(loss, lora)]
+    token_sized = [a for a in saved if tokens in a.shape and a.shape[-1] >= config.inner_dim]
+    assert len(token_sized) >= 10  # the blocks' saved activations (stacked over the layer scan), the head's
+    assert [(a.shape, str(a.dtype)) for a in token_sized if a.dtype != jnp.bfloat16] == []
+

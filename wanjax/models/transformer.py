@@ -181,19 +181,23 @@ standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 class LayerNorm(nn.Module):
-    """diffusers' FP32LayerNorm: statistics and affine in float32, output in the input's dtype."""
+    """diffusers' FP32LayerNorm: statistics and affine in float32, output in `out_dtype` (default the input's).
+
+    diffusers normalises `x.float()`; here x goes in in its own dtype (the same float32 arithmetic inside
+    `standardize`), so that the backward keeps x, not a float32 copy of it (remat "none" / "dots": one per norm per
+    block), and `out_dtype=float32` gives diffusers' float32 result."""
 
     eps: float
     affine: bool
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         dim = x.shape[-1]
-        h = standardize(x.astype(F32), self.eps, True)
+        h = standardize(x, self.eps, True)
         if self.affine:
             h = h * self.param("scale", nn.initializers.ones_init(), (dim,), F32).astype(F32)
             h = h + self.param("bias", nn.initializers.zeros_init(), (dim,), F32).astype(F32)
-        return h.astype(x.dtype)
+        return h.astype(out_dtype or x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -204,7 +208,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones_init(), (x.shape[-1],), F32)
-        h = standardize(x.astype(F32), self.eps, False)
+        h = standardize(x, self.eps, False)  # x in its own dtype, float32 inside (see LayerNorm)
         return (h * scale.astype(F32)).astype(x.dtype)
 
 
@@ -406,19 +410,19 @@ class WanBlock(nn.Module):
             shift, scale, gate, c_shift, c_scale, c_gate = (t[:, None, :] for t in (shift, scale, gate, c_shift, c_scale, c_gate))
 
         with jax.named_scope("self_attention"):
-            h = (LayerNorm(cfg.eps, False, name="norm1")(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
+            h = (LayerNorm(cfg.eps, False, name="norm1")(x, F32) * (1 + scale) + shift).astype(dtype)
             a = Attention(cfg, name="attn1")(h, rope=(rope_cos, rope_sin))
             x = constrain_tokens((x.astype(F32) + a * gate).astype(dtype))
 
         with jax.named_scope("cross_attention"):
-            h = LayerNorm(cfg.eps, True, name="norm2")(x.astype(F32)).astype(dtype) if cfg.cross_attn_norm else x
+            h = LayerNorm(cfg.eps, True, name="norm2")(x) if cfg.cross_attn_norm else x
             a = Attention(cfg, added_kv=cfg.added_kv_proj_dim is not None, name="attn2")(
                 h, context=context, image_context=image_context
             )
             x = constrain_tokens(x + a)
 
         with jax.named_scope("ffn"):
-            h = (LayerNorm(cfg.eps, False, name="norm3")(x.astype(F32)) * (1 + c_scale) + c_shift).astype(dtype)
+            h = (LayerNorm(cfg.eps, False, name="norm3")(x, F32) * (1 + c_scale) + c_shift).astype(dtype)
             f = MLP(cfg.ffn_dim, dim, gelu_tanh, name="ffn")(h)
             x = constrain_tokens((x.astype(F32) + f.astype(F32) * c_gate).astype(dtype))
         return x, None  # scan's (carry, output) form
@@ -531,7 +535,7 @@ class WanTransformer(nn.Module):
         shift, scale = out_mod[..., 0, :], out_mod[..., 1, :]
         if out_mod.ndim == 3:
             shift, scale = shift[:, None], scale[:, None]
-        x = (LayerNorm(cfg.eps, False, name="norm_out")(x.astype(F32)) * (1 + scale) + shift).astype(dtype)
+        x = (LayerNorm(cfg.eps, False, name="norm_out")(x, F32) * (1 + scale) + shift).astype(dtype)
         x = Dense(cfg.out_channels * pt * ph * pw, name="proj_out")(x)
         x = x.reshape(b, nf, nh, nw, pt, ph, pw, cfg.out_channels)
         return x.transpose(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, nf * pt, nh * ph, nw * pw)
