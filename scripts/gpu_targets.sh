@@ -7,6 +7,7 @@
 #   attention  the LoRA step and forward with remat "attention" (the attention kernels' outputs kept), vs torch
 #   projections  the LoRA step with remat "projections" (+ the attention layers' linear outputs kept), vs torch
 #   matmuls    the LoRA step with remat "matmuls" (every linear output kept: no product recomputed), vs torch
+#   none, dots the LoRA step with remat "none" (nothing recomputed) / "dots" (XLA's: every product's output kept), vs torch
 #   xla        the LoRA step and forward on XLA's attention instead of cuDNN flash attention
 #   gemm       bf16 matrix-product rates of JAX and torch at the 1.3B's shapes
 #   kernels    the attention kernels alone at the 1.3B's self-attention (cuDNN, Mosaic GPU FlashAttention-3)
@@ -17,7 +18,7 @@
 # The python is $PYTHON (default: python). A part's stderr goes to OUTDIR/PART.log; its exit status is printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: scripts/gpu_targets.sh OUTDIR [lora attention projections matmuls xla gemm kernels memory dmd14b profile]}
+out=${1:?usage: scripts/gpu_targets.sh OUTDIR [lora attention projections matmuls none dots xla gemm kernels memory dmd14b profile]}
 shift
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(lora attention xla gemm memory dmd14b profile)
@@ -28,14 +29,14 @@ for part in "${parts[@]}"; do
   case "$part" in
     lora) cmd=(scripts/bench.py --vs-torch) ;;
     attention) cmd=(scripts/bench.py --vs-torch --remat attention --bench lora_train_step,forward) ;;
-    projections|matmuls) cmd=(scripts/bench.py --vs-torch --remat "$part" --bench lora_train_step) ;;
+    projections|matmuls|none|dots) cmd=(scripts/bench.py --vs-torch --remat "$part" --bench lora_train_step) ;;
     xla) cmd=(scripts/bench.py --attention xla --bench lora_train_step,forward) ;;
     kernels) cmd=(scripts/bench_attention.py --impls cudnn,mosaic) ;;
     gemm) cmd=(scripts/bench_gemm.py --model 1.3b) ;;
     memory) cmd=(scripts/memory_report.py --model 14b --method lora,dmd_generator,dmd_critic,dcm --devices 1) ;;
     dmd14b) cmd=(scripts/bench.py --model 14b --bench dmd_generator_step,dmd_critic_step --steps 2) ;;
     profile) cmd=(scripts/bench.py --vs-torch --bench lora_train_step,forward --steps 3 --profile "$out/profile") ;;
-    *) echo "[gpu_targets] unknown part '$part': expected lora attention projections matmuls xla gemm kernels memory dmd14b profile" >&2; exit 2 ;;
+    *) echo "[gpu_targets] unknown part '$part': expected lora attention projections matmuls none dots xla gemm kernels memory dmd14b profile" >&2; exit 2 ;;
   esac
   echo "[gpu_targets] $part: $py ${cmd[*]}" >&2
   t0=$SECONDS
