@@ -100,10 +100,11 @@ class Dense(nn.Module):
     """torch.nn.Linear: y = x W + b, the product accumulated in float32 and written in the output dtype (`dot`).
 
     The bias is added in that dtype: in bf16 a second rounding where torch's cuBLASLt epilogue adds the bias before
-    its one rounding (at most one bf16 ulp apart; identical in float32). The output dtype is x's; with `cast_input`, x is first cast to the kernel's dtype (diffusers'
-    `time_embedder`, kept in float32). If the "lora" collection holds `A` (in, r) and `B` (r, out) for this
-    layer (and optionally `bias` (out,), PEFT's lora_B.bias), the low-rank path (x A) B + bias runs beside
-    the frozen matmul, unmerged: no weight-sized gradient is ever formed. The LoRA scale alpha / r is folded
+    its one rounding (at most one bf16 ulp apart; identical in float32). The output dtype is x's; with
+    `cast_input`, x is first cast to the kernel's dtype (diffusers' `time_embedder`, kept in float32). If the "lora"
+    collection holds `A` (in, r) and `B` (r, out) for this layer (and optionally `bias` (out,), PEFT's
+    lora_B.bias), the low-rank path (x A) B + bias runs beside the frozen matmul, unmerged, its sum added in the
+    output dtype as PEFT adds it: no weight-sized gradient is ever formed. The LoRA scale alpha / r is folded
     into B and bias by the caller (`LoraWeights.scaled_params`).
     """
 
